@@ -1,0 +1,62 @@
+"""What every benchmark shares: repeated timing with medians, and the JSON result file."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def median_seconds(run: Callable[[], None], repeats: int, warmup: int = 1, sync: bool = True) -> float:
+    """Median wall time of ``run`` over ``repeats`` calls after ``warmup`` calls, device drained each time."""
+    def once() -> float:
+        if sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        once()
+    return statistics.median(once() for _ in range(repeats))
+
+
+def environment() -> dict[str, Any]:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "argv": sys.argv}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpus"] = torch.cuda.device_count()
+    try:
+        import ray
+        env["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def write_result(path: str | Path, name: str, command: str, rows: list[dict[str, Any]], **extra: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": name, "command": command, "environment": environment(), "results": rows, **extra}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+    return "" if v is None else str(v)

@@ -1,0 +1,122 @@
+"""One GPU fed from pageable host numpy: GPU-only vs a serial loop vs the pipeline.
+
+- gpu_only: the batches already sit on the device; preprocess + model +
+  postprocess in a loop. The compute bound.
+- serial: what a hand-written worker does: ``torch.from_numpy(x).cuda()``,
+  model, ``.cpu()``, one batch after another.
+- pipeline: ``actors.pipeline.Pipeline`` from the same pageable arrays.
+
+For the transfer-bound MLP the reference is the H2D bound instead: the pinned
+H2D bandwidth measured on this device over the bytes of one input row.
+
+    python -m orchestrator.bench.pipeline_bench --out docs/results/pipeline.json
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from actors.bounds import analyse, copy_ceilings
+from actors.pipeline import Pipeline, PipelineConfig
+from actors.streams import StreamManager
+from actors.zoo import ZOO
+from orchestrator.bench.common import median_seconds, print_table, write_result
+
+WORKLOADS = {
+    # name: (zoo entry, batch rows, batches per timed run, host pool size)
+    "resnet50": ("resnet50", 256, 40, 6),
+    "resnet18": ("resnet18", 256, 80, 6),
+    "mlp": ("mlp", 8192, 40, 4),
+}
+
+
+def _pool(spec, rows: int, count: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    shape = (rows, *spec.row_shape)
+    if spec.dtype == "uint8":
+        return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count)]
+    return [rng.standard_normal(shape, dtype=np.float32) for _ in range(count)]
+
+
+def _forward(built, x: torch.Tensor):
+    if built.preprocess is not None:
+        x = built.preprocess(x)
+    y = built.model(x)
+    return built.postprocess(y) if built.postprocess is not None else y
+
+
+def bench_workload(name: str, repeats: int, staging_threads: int, depth: int) -> list[dict]:
+    entry, rows, batches, pool_size = WORKLOADS[name]
+    device = torch.device("cuda", 0)
+    built = ZOO[entry](dtype=torch.bfloat16, channels_last=True).to(device)
+    pool = _pool(built.input_spec, rows, pool_size)
+    feed = [pool[i % pool_size] for i in range(batches)]
+    results = []
+
+    with torch.inference_mode():
+        dev_pool = [torch.from_numpy(a).to(device) for a in pool]
+
+        def gpu_only() -> None:
+            for i in range(batches):
+                _forward(built, dev_pool[i % pool_size])
+
+        def serial() -> None:
+            for a in feed:
+                _forward(built, torch.from_numpy(a).to(device)).cpu()
+
+        ref = _forward(built, dev_pool[0]).float().cpu()
+        for label, fn in (("gpu_only", gpu_only), ("serial", serial)):
+            s = median_seconds(fn, repeats, warmup=1)
+            results.append({"workload": name, "variant": label, "rows_per_s": rows * batches / s})
+
+    with StreamManager() as sm:
+        cfg = PipelineConfig(depth=depth, max_batch_rows=rows, staging_threads=staging_threads, timing_every=8)
+        with Pipeline(built, sm, cfg) as p:
+            first = p.submit(0, pool[0]).result().outputs
+            diff = np.abs(first.astype(np.float64) - ref.numpy()).max() if first.dtype.kind == "f" else \
+                float((first != ref.numpy()).mean())
+            run = lambda: list(p.map(enumerate(feed)))  # noqa: E731
+            run()
+            p.stats.reset()
+            s = median_seconds(run, repeats, warmup=0)
+            bound = analyse(p.stats, copy_ceilings(device))
+        results.append({"workload": name, "variant": "pipeline", "rows_per_s": rows * batches / s,
+                        "bound": bound.line, "parity_vs_gpu_only": diff})
+    gpu_only_rate = results[0]["rows_per_s"]
+    for r in results:
+        r["vs_gpu_only"] = r["rows_per_s"] / gpu_only_rate
+    if name == "mlp":
+        c = copy_ceilings(device)
+        h2d_bound = c.h2d_gbps * 1e9 / (4 * built.input_spec.row_shape[0])
+        for r in results:
+            r["vs_h2d_bound"] = r["rows_per_s"] / h2d_bound
+        results.append({"workload": name, "variant": "h2d_bound", "rows_per_s": h2d_bound,
+                        "bound": f"pinned H2D {c.h2d_gbps:.1f} GB/s, D2H {c.d2h_gbps:.1f} GB/s"})
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="resnet50,resnet18,mlp")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--staging-threads", type=int, default=8)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--out", default="docs/results/pipeline.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("pipeline_bench needs a CUDA device")
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    rows = []
+    for name in args.workloads.split(","):
+        rows += bench_workload(name, args.repeats, args.staging_threads, args.depth)
+        print_table(rows, ["workload", "variant", "rows_per_s", "vs_gpu_only", "vs_h2d_bound", "bound"])
+    write_result(args.out, "pipeline", "python -m orchestrator.bench.pipeline_bench " + " ".join(argv or []), rows,
+                 floors={"resnet pipeline vs gpu_only": 0.95, "mlp pipeline vs h2d_bound": 0.80})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
