@@ -256,7 +256,9 @@ class Pipeline:
                 self._free.release()
                 raise
             self._cursor = (self._cursor + 1) % len(self._slots)
-        self._inflight.put(item)
+            # Inside the lock: the completion thread must see batches in slot order, or it
+            # frees a later slot first and the ring hands out a slot still in flight.
+            self._inflight.put(item)
         return item.future
 
     def _enqueue(self, slot: _Slot, batch_id: int, array: np.ndarray, rows: int) -> _InFlight:

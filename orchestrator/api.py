@@ -1,0 +1,229 @@
+"""Orchestrator: the Python batch-inference API.
+
+Attaches to a Ray cluster (or starts a local one), starts one worker per GPU
+(CPU workers when the cluster has none), feeds them through the Dispatcher and
+shuts down exactly what it started.
+
+    with Orchestrator(RunConfig()) as orch:
+        outputs = orch.run(np.random.rand(10_000, 16).astype("float32"))
+        print(orch.report()["bound"])
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.errors import OrchestratorError
+from actors.worker import RemoteGpuWorker
+from orchestrator.config import RunConfig
+from orchestrator.dispatch import Dispatcher, Result, WorkerRecord, in_order
+from orchestrator.sources import batches
+
+log = logging.getLogger(__name__)
+
+# close() waits this long for killed workers to be gone (cancellation must return within 10 s).
+_CLOSE_DEADLINE_S = 8.0
+
+
+class WorkerStartError(OrchestratorError, RuntimeError):
+    """Workers did not start: not enough resources, or the model failed to build."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class Orchestrator:
+    """A context manager owning a set of GPU workers on a Ray cluster."""
+
+    def __init__(self, config: RunConfig | None = None, **overrides: Any) -> None:
+        """``overrides`` are dotted-free shortcuts for sections, e.g. ``model={"source": "zoo:resnet50"}``."""
+        base = (config or RunConfig()).model_dump()
+        for section, values in overrides.items():
+            if section not in base:
+                raise ValueError(f"unknown config section {section!r}; sections: {sorted(base)}")
+            base[section] = {**base[section], **values}
+        self.config = RunConfig.model_validate(base)
+        self.workers: list[WorkerRecord] = []
+        self._started_ray = False
+        self._dispatchers: list[Dispatcher] = []
+        self._rows_done = 0
+        self._seconds = 0.0
+
+    # -- lifetime -----------------------------------------------------------------------------------
+    def __enter__(self) -> Orchestrator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        cluster = self.config.cluster
+        if not ray.is_initialized():
+            if cluster.address is None:
+                ray.init(include_dashboard=False, dashboard_host=cluster.dashboard_host,
+                         log_to_driver=True, configure_logging=False)
+            else:
+                ray.init(address=cluster.address, log_to_driver=True, configure_logging=False)
+            self._started_ray = True
+        try:
+            self._start_workers()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_workers(self) -> None:
+        cluster = self.config.cluster
+        gpus = ray.cluster_resources().get("GPU", 0)
+        per = cluster.gpus_per_worker if gpus else 0
+        count = cluster.num_workers or (int(gpus / per) if gpus else cluster.cpu_workers)
+        if gpus and count * per > gpus + 1e-9:
+            raise WorkerStartError(f"you requested {count} workers x {per:g} GPU = {count * per:g} GPUs but the cluster "
+                                   f"has {gpus:g}; lower cluster.num_workers or cluster.gpus_per_worker")
+        if not gpus:
+            log.warning("the cluster has no GPU: starting %d CPU workers (CPU backend)", count)
+        window = self.config.inflight_per_worker
+        model = self.config.model.model_dump()
+        pipeline = self.config.pipeline.model_dump()
+        faults = {name: f.model_dump() for name, f in self.config.faults.items()}
+        for i in range(count):
+            name = f"worker-{i}"
+            actor = RemoteGpuWorker.options(
+                num_gpus=per, num_cpus=cluster.cpus_per_worker, max_concurrency=window,
+                max_restarts=cluster.max_worker_restarts, max_task_retries=0,
+            ).remote(name, model, pipeline, faults.get(name))
+            self.workers.append(WorkerRecord(name, actor))
+        pings = [w.actor.ping.remote() for w in self.workers]
+        ready, not_ready = ray.wait(pings, num_returns=len(pings), timeout=cluster.worker_start_timeout_s)
+        if not_ready:
+            have = ray.available_resources()
+            raise WorkerStartError(
+                f"{len(not_ready)} of {count} workers did not start within {cluster.worker_start_timeout_s:g} s "
+                f"(each asks for {per:g} GPU and {cluster.cpus_per_worker:g} CPU; the cluster has "
+                f"{have.get('GPU', 0):g} GPU and {have.get('CPU', 0):g} CPU free)")
+        try:
+            self.worker_info = ray.get(ready)
+        except Exception as err:
+            # Ray's text holds the worker's traceback; its last line is the error itself.
+            cause = str(err).strip().splitlines()[-1]
+            raise WorkerStartError(f"a worker failed to build its model {self.config.model.source!r}: {cause}") from err
+        log.info("started %d workers: %s", count, [(i["name"], i["device"], i["gpu_ids"]) for i in self.worker_info])
+
+    def close(self) -> None:
+        """Kill the workers this orchestrator started and, if it started Ray, shut Ray down. Idempotent."""
+        for worker in self.workers:
+            try:
+                ray.kill(worker.actor, no_restart=True)
+            except Exception as err:  # already gone: nothing left to release
+                log.debug("kill %s: %s", worker.name, err)
+        _await_deaths([w.actor for w in self.workers], deadline_s=_CLOSE_DEADLINE_S)
+        self.workers = []
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+        self._started_ray = False
+
+    # -- work ------------------------------------------------------------------------------------------
+    def map(self, inputs: Any, *, ordered: bool | None = None, batch_rows: int | None = None) -> Iterator[Result]:
+        """Yield each batch's Result as it completes (or in input order with ``ordered=True``)."""
+        if not self.workers:
+            raise RuntimeError("Orchestrator is not started; use it as a context manager")
+        cfg = self.config
+        ordered = cfg.dispatch.ordered if ordered is None else ordered
+        rows = batch_rows or cfg.dispatch.batch_rows
+        if rows > cfg.pipeline.max_batch_rows:
+            raise ValueError(f"batch_rows={rows} exceeds pipeline.max_batch_rows={cfg.pipeline.max_batch_rows}")
+        progress = _progress_bar(cfg.dispatch.progress, _total_rows(inputs))
+        dispatcher = Dispatcher(
+            self.workers, window=cfg.inflight_per_worker, on_error=cfg.errors.on_error,
+            max_retries=cfg.errors.max_retries, batch_timeout_s=cfg.dispatch.batch_timeout_s,
+            probe_timeout_s=cfg.cluster.worker_start_timeout_s,
+            max_ahead=cfg.dispatch.reorder_window if ordered else None,
+            on_result=(lambda r: progress.update(r.rows)) if progress else None)
+        self._dispatchers.append(dispatcher)
+        stream = dispatcher.run(batches(inputs, rows))
+        started = time.perf_counter()
+        try:
+            for result in in_order(stream) if ordered else stream:
+                self._rows_done += result.rows
+                yield result
+        finally:
+            self._seconds += time.perf_counter() - started
+            if progress:
+                progress.close()
+
+    def run(self, inputs: Any, *, batch_rows: int | None = None) -> Any:
+        """All outputs in input order, concatenated along rows (same tree as the model's outputs)."""
+        results = [r for r in self.map(inputs, ordered=True, batch_rows=batch_rows) if r.error is None]
+        if not results:
+            return None
+        return _concat([r.outputs for r in results])
+
+    def report(self) -> dict[str, Any]:
+        """Throughput, per-worker figures (stage times, bound analysis) and dispatch counters."""
+        per_worker = ray.get([w.actor.stats.remote() for w in self.workers if w.alive])
+        dispatch: dict[str, Any] = {}
+        for d in self._dispatchers:
+            for key, value in vars(d.stats).items():
+                dispatch[key] = dispatch.get(key, [] if isinstance(value, list) else 0) + value
+        return {
+            "rows": self._rows_done,
+            "seconds": self._seconds,
+            "rows_per_second": self._rows_done / self._seconds if self._seconds else None,
+            "workers": per_worker,
+            "bound": [w["bound"]["line"] for w in per_worker],
+            "dispatch": dispatch,
+        }
+
+    def timeline(self) -> list[dict[str, Any]]:
+        """Chrome-trace events of every worker (needs ``pipeline.timeline=True``)."""
+        return [e for trace in ray.get([w.actor.timeline.remote() for w in self.workers if w.alive]) for e in trace]
+
+
+def _await_deaths(actors: list[Any], deadline_s: float) -> None:
+    """Return once every actor is dead (``ray.kill`` is asynchronous) or the deadline passes."""
+    end = time.monotonic() + deadline_s
+    alive = list(actors)
+    while alive and time.monotonic() < end:
+        probes = {a.ping.remote(): a for a in alive}
+        done, pending = ray.wait(list(probes), num_returns=len(probes), timeout=min(1.0, end - time.monotonic()))
+        alive = [probes[ref] for ref in pending]
+        for ref in done:
+            try:
+                ray.get(ref)
+                alive.append(probes[ref])  # it still answers: the kill has not landed yet
+            except ray.exceptions.RayActorError:
+                pass
+        if alive:
+            time.sleep(0.05)
+    if alive:
+        log.warning("%d workers still alive %.0f s after being killed", len(alive), deadline_s)
+
+
+def _concat(outputs: list[Any]) -> Any:
+    first = outputs[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(outputs)
+    if isinstance(first, dict):
+        return {k: _concat([o[k] for o in outputs]) for k in first}
+    return type(first)(_concat(list(parts)) for parts in zip(*outputs))
+
+
+def _total_rows(inputs: Any) -> int | None:
+    if hasattr(inputs, "shape") and getattr(inputs, "ndim", 0) > 0:
+        return int(inputs.shape[0])
+    return getattr(inputs, "rows", None) if isinstance(getattr(inputs, "rows", None), int) else None
+
+
+def _progress_bar(setting: bool | None, total: int | None) -> Any:
+    enabled = sys.stderr.isatty() if setting is None else setting
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rows", unit_scale=True, desc="inference", file=sys.stderr)

@@ -1,0 +1,302 @@
+"""Dispatch and collection: in-flight windows, least-loaded choice, ray.wait, retries.
+
+One loop owns all bookkeeping. Each live worker holds at most ``window``
+batches; a new batch goes to the least-loaded live worker; results are
+collected with ``ray.wait`` (always with a timeout) as they complete, so a slow
+worker never holds back a fast one. Every batch ends exactly once, as a result
+or as an error naming it: a ledger keyed by batch id drops late duplicates, a
+dead worker's batches are dispatched again, and a batch that keeps killing
+workers is failed instead of looping. Input order is a thin view
+(``in_order``) over the same completion stream.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from actors.errors import BatchError, InputError, ModelError, OrchestratorError
+from actors.pipeline import BatchResult
+from orchestrator.sources import Batch
+
+log = logging.getLogger(__name__)
+
+# ray.wait wakes at least this often to check batch deadlines and worker probes.
+_WAIT_S = 1.0
+
+
+class NoWorkersError(OrchestratorError, RuntimeError):
+    """Every worker is dead and none can be restarted; completed results were already handed out."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+
+    def __str__(self) -> str:
+        return f"no worker can run: {self.args[0]}"
+
+
+@dataclasses.dataclass
+class Result:
+    """One batch's end: its outputs, or (with ``on_error='skip'``) the error that ended it."""
+
+    batch_id: int
+    rows: int
+    outputs: Any
+    worker: str | None
+    stage_ms: dict[str, float] | None = None
+    error: BatchError | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class WorkerRecord:
+    """The driver's view of one worker actor."""
+
+    name: str
+    actor: Any
+    inflight: int = 0
+    alive: bool = True
+    deaths: int = 0
+    probe: Any = None  # an ObjectRef of ping() while the worker is suspected dead
+    probe_since: float = 0.0
+
+
+@dataclasses.dataclass
+class _Call:
+    batch: Batch
+    worker: WorkerRecord
+    started: float
+
+
+@dataclasses.dataclass
+class DispatchStats:
+    dispatched: int = 0
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    duplicates_dropped: int = 0
+    worker_deaths: int = 0
+    hung_batches: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+
+class _Ledger:
+    """Which batch ids have ended; memory bounded by how far completion runs out of order."""
+
+    def __init__(self) -> None:
+        self.floor = 0  # every id below has ended
+        self._above: set[int] = set()
+
+    def end(self, batch_id: int) -> bool:
+        """Mark ``batch_id`` ended; False if it had already ended (a duplicate)."""
+        if batch_id < self.floor or batch_id in self._above:
+            return False
+        self._above.add(batch_id)
+        while self.floor in self._above:
+            self._above.remove(self.floor)
+            self.floor += 1
+        return True
+
+
+class Dispatcher:
+    """Feeds batches to workers and yields each batch's end in completion order."""
+
+    def __init__(self, workers: list[WorkerRecord], *, window: int, on_error: str = "raise", max_retries: int = 2,
+                 batch_timeout_s: float = 600.0, probe_timeout_s: float = 120.0, max_ahead: int | None = None,
+                 on_result: Callable[[Result], None] | None = None) -> None:
+        if not workers:
+            raise ValueError("Dispatcher needs at least one worker")
+        self.workers = workers
+        self.window = window
+        self.on_error = on_error
+        self.max_retries = max_retries
+        self.batch_timeout_s = batch_timeout_s
+        self.probe_timeout_s = probe_timeout_s
+        self.max_ahead = max_ahead
+        self.on_result = on_result
+        self.stats = DispatchStats()
+        self._pending: dict[Any, _Call] = {}
+        self._retry: collections.deque[Batch] = collections.deque()
+        self._attempts: collections.Counter[int] = collections.Counter()
+        self._avoid: dict[int, WorkerRecord] = {}
+        self._ledger = _Ledger()
+        self._taken = 0  # batches drawn from the source so far
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, source: Iterator[Batch]) -> Iterator[Result]:
+        source = iter(source)
+        exhausted = False
+        while True:
+            exhausted = self._fill(source, exhausted)
+            probes = {w.probe: w for w in self.workers if w.probe is not None}
+            if not self._pending and not probes:
+                if exhausted and not self._retry:
+                    return
+                if not self._live():
+                    raise NoWorkersError(self._death_summary())
+                continue
+            waitables = [*self._pending, *probes]
+            ready, _ = ray.wait(waitables, num_returns=1, timeout=_WAIT_S)
+            if ready:
+                ready, _ = ray.wait(waitables, num_returns=len(waitables), timeout=0)
+            for ref in ready:
+                if ref in probes:
+                    self._probe_done(probes[ref])
+                else:
+                    yield from self._collect(ref)
+            self._check_deadlines()
+
+    def _live(self) -> list[WorkerRecord]:
+        return [w for w in self.workers if w.alive and w.probe is None]
+
+    def _fill(self, source: Iterator[Batch], exhausted: bool) -> bool:
+        """Dispatch until every live worker's window is full; returns whether the source is exhausted."""
+        while True:
+            live = [w for w in self._live() if w.inflight < self.window]
+            if not live:
+                return exhausted
+            if self._retry:
+                batch = self._retry.popleft()
+            else:
+                if exhausted or self._too_far_ahead():
+                    return exhausted
+                batch = next(source, None)
+                if batch is None:
+                    return True
+                self._taken += 1
+            avoid = self._avoid.get(batch.batch_id)
+            choices = [w for w in live if w is not avoid] or live
+            self._send(batch, min(choices, key=lambda w: w.inflight))
+
+    def _too_far_ahead(self) -> bool:
+        if self.max_ahead is None:
+            return False
+        return self._taken >= self._ledger.floor + self.max_ahead
+
+    def _send(self, batch: Batch, worker: WorkerRecord) -> None:
+        ref = worker.actor.infer.remote(batch.batch_id, batch.source, batch.start, batch.stop)
+        self._pending[ref] = _Call(batch, worker, time.monotonic())
+        worker.inflight += 1
+        self.stats.dispatched += 1
+
+    # -- outcomes --------------------------------------------------------------------------------
+    def _collect(self, ref: Any) -> Iterator[Result]:
+        call = self._pending.pop(ref)
+        call.worker.inflight -= 1
+        batch_id = call.batch.batch_id
+        try:
+            out: BatchResult = ray.get(ref, timeout=0)
+        except RayActorError as err:
+            self._worker_died(call, err)
+            return
+        except RayTaskError as err:
+            cause = err.cause
+            if not isinstance(cause, BatchError):
+                cause = ModelError(batch_id, f"{type(cause).__name__}: {_first_line(cause)}", call.worker.name)
+            yield from self._failed(call, cause)
+            return
+        if not self._ledger.end(batch_id):
+            self.stats.duplicates_dropped += 1
+            return
+        self.stats.completed += 1
+        result = Result(batch_id, out.rows, out.outputs, call.worker.name, out.stage_ms)
+        if self.on_result:
+            self.on_result(result)
+        yield result
+
+    def _failed(self, call: _Call, error: BatchError) -> Iterator[Result]:
+        batch_id = call.batch.batch_id
+        retryable = self.on_error == "retry" and not isinstance(error, InputError)
+        if retryable and self._attempts[batch_id] < self.max_retries:
+            self._attempts[batch_id] += 1
+            self._avoid[batch_id] = call.worker
+            self._retry.append(call.batch)
+            self.stats.retried += 1
+            log.warning("%s; retrying elsewhere (attempt %d of %d)", error, self._attempts[batch_id], self.max_retries)
+            return
+        if not self._ledger.end(batch_id):
+            self.stats.duplicates_dropped += 1
+            return
+        self.stats.failed += 1
+        self.stats.errors.append(str(error))
+        if self.on_error == "skip":
+            log.warning("%s; skipped", error)
+            result = Result(batch_id, call.batch.rows or 0, None, call.worker.name, error=error)
+            if self.on_result:
+                self.on_result(result)
+            yield result
+            return
+        raise error
+
+    def _worker_died(self, call: _Call, err: Exception) -> None:
+        worker, batch = call.worker, call.batch
+        if worker.alive and worker.probe is None:
+            worker.deaths += 1
+            self.stats.worker_deaths += 1
+            log.warning("worker %s died (%s); re-dispatching its batches", worker.name, _first_line(err))
+            worker.probe, worker.probe_since = worker.actor.ping.remote(), time.monotonic()
+        self._attempts[batch.batch_id] += 1
+        if self._attempts[batch.batch_id] > self.max_retries + 1:
+            error = BatchError(batch.batch_id, f"{self._attempts[batch.batch_id]} workers died running this batch; "
+                                               f"giving up on it", worker.name)
+            self._ledger.end(batch.batch_id)
+            self.stats.failed += 1
+            self.stats.errors.append(str(error))
+            if self.on_error != "skip":
+                raise error
+            return
+        self._avoid[batch.batch_id] = worker
+        self._retry.append(batch)
+        self.stats.retried += 1
+
+    def _probe_done(self, worker: WorkerRecord) -> None:
+        ref, worker.probe = worker.probe, None
+        try:
+            ray.get(ref, timeout=0)
+            log.warning("worker %s is back after a restart", worker.name)
+        except Exception as err:  # ActorDiedError once Ray's restart budget is spent
+            worker.alive = False
+            log.error("worker %s is gone: %s", worker.name, _first_line(err))
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for call in list(self._pending.values()):
+            if now - call.started > self.batch_timeout_s and call.worker.alive and call.worker.probe is None:
+                self.stats.hung_batches += 1
+                log.error("batch %d on worker %s exceeded batch_timeout_s=%.0f; killing the worker",
+                          call.batch.batch_id, call.worker.name, self.batch_timeout_s)
+                ray.kill(call.worker.actor, no_restart=False)
+                call.started = now  # its failure arrives as RayActorError and is re-dispatched
+        for worker in self.workers:
+            if worker.probe is not None and now - worker.probe_since > self.probe_timeout_s:
+                ray.cancel(worker.probe, force=False)
+                worker.probe, worker.alive = None, False
+                log.error("worker %s did not come back within %.0f s", worker.name, self.probe_timeout_s)
+
+    def _death_summary(self) -> str:
+        return (f"all {len(self.workers)} workers died and none could be restarted "
+                f"({self.stats.worker_deaths} deaths, {self.stats.completed} batches completed before)")
+
+
+def in_order(results: Iterator[Result]) -> Iterator[Result]:
+    """Re-order a completion stream of batch ids 0, 1, 2, ... into input order."""
+    buffer: dict[int, Result] = {}
+    next_id = 0
+    for result in results:
+        buffer[result.batch_id] = result
+        while next_id in buffer:
+            yield buffer.pop(next_id)
+            next_id += 1
+    if buffer:
+        raise RuntimeError(f"batches {sorted(buffer)[:5]} completed but batch {next_id} never did")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+

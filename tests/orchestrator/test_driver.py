@@ -1,0 +1,188 @@
+"""The driver against a real local Ray cluster with logical GPUs (CPU backend in the workers)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from _util import RAY_GPUS, reference, rows
+
+
+from orchestrator import ModelError, Npy, Orchestrator, Parquet, RunConfig, Synthetic, WorkerStartError
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def config(**sections) -> RunConfig:
+    base = {"pipeline": {"max_batch_rows": 64}, "dispatch": {"batch_rows": 64, "progress": False},
+            "cluster": {"num_workers": 2, "worker_start_timeout_s": 60}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return RunConfig.model_validate(base)
+
+
+@pytest.fixture(scope="module")
+def orch():
+    if not ray.is_initialized():
+        ray.init(num_cpus=16, num_gpus=RAY_GPUS, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    with Orchestrator(config()) as o:
+        yield o
+
+
+def test_one_worker_per_logical_gpu_with_distinct_gpu_ids(orch):
+    assert len(orch.workers) == 2
+    ids = [tuple(info["gpu_ids"]) for info in orch.worker_info]
+    assert len(set(ids)) == 2 and all(len(i) == 1 for i in ids)
+    assert all(info["device"] == "cpu" for info in orch.worker_info)  # no CUDA here: CPU backend
+
+
+def _write_parquet(path, x: np.ndarray) -> None:
+    pq.write_table(pa.table({"features": pa.array(list(x))}), path, row_group_size=100)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "generator", "objectrefs", "npy", "parquet", "dataset"])
+def test_every_input_kind_matches_single_process_reference(orch, tmp_path, kind):
+    x = rows(1000, seed=len(kind))
+    want = reference(x, batch_rows={"generator": 37, "objectrefs": 50}.get(kind, 64))
+    if kind == "numpy":
+        inputs = x
+    elif kind == "torch":
+        inputs = torch.from_numpy(x)
+    elif kind == "generator":
+        inputs = (x[i:i + 37] for i in range(0, len(x), 37))
+    elif kind == "objectrefs":
+        inputs = [ray.put(x[i:i + 50]) for i in range(0, len(x), 50)]
+    elif kind == "npy":
+        np.save(tmp_path / "x.npy", x)
+        inputs = Npy(str(tmp_path / "x.npy"))
+    elif kind == "parquet":
+        _write_parquet(tmp_path / "x.parquet", x)
+        inputs = Parquet(str(tmp_path / "x.parquet"), column="features")
+    else:
+        inputs = ray.data.from_numpy(x)
+    np.testing.assert_array_equal(orch.run(inputs), want)
+
+
+def test_synthetic_inputs_are_seeded_and_shaped(orch):
+    syn = Synthetic(300, (16,), "float32", seed=4)
+    x = np.concatenate([syn.batch(i, a, min(a + 64, 300)) for i, a in enumerate(range(0, 300, 64))])
+    np.testing.assert_array_equal(orch.run(syn), reference(x))
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_each_batch_returned_exactly_once(orch, ordered):
+    x = rows(64 * 40 + 5, seed=3)
+    results = list(orch.map(x, ordered=ordered))
+    ids = [r.batch_id for r in results]
+    assert sorted(ids) == list(range(41))
+    if ordered:
+        assert ids == list(range(41))
+    assert {r.worker for r in results} == {"worker-0", "worker-1"}  # both GPUs were used
+    got = np.concatenate([r.outputs for r in sorted(results, key=lambda r: r.batch_id)])
+    np.testing.assert_array_equal(got, reference(x))
+    assert results[-1].rows == 5 or any(r.rows == 5 for r in results)
+
+
+def test_generator_of_ten_thousand_batches_keeps_driver_memory_bounded(orch):
+    produced = 0
+    consumed = 0
+    most_outstanding = 0
+    window = orch.config.inflight_per_worker * len(orch.workers)
+
+    def gen():
+        nonlocal produced
+        for i in range(10_000):
+            produced += 1
+            yield rows(2, seed=i)
+
+    for result in orch.map(gen()):
+        consumed += 1
+        most_outstanding = max(most_outstanding, produced - consumed)
+    assert consumed == 10_000
+    # The driver pulls a batch only when a worker has room: never more than the windows hold.
+    assert most_outstanding <= window + 1, (most_outstanding, window)
+
+
+def test_report_has_throughput_workers_and_bound(orch):
+    list(orch.map(rows(640, seed=9)))
+    rep = orch.report()
+    assert rep["rows"] > 0 and rep["rows_per_second"] > 0
+    assert {w["name"] for w in rep["workers"]} == {"worker-0", "worker-1"}
+    assert all(line.split(":")[0].endswith("-bound") or line == "no timed batches yet" for line in rep["bound"])
+    assert rep["dispatch"]["completed"] >= 10
+
+
+def test_bad_inputs_are_clear_errors(orch):
+    with pytest.raises(TypeError, match="unsupported inputs dict"):
+        list(orch.map({"a": 1}))
+    with pytest.raises(ValueError, match="batch_rows=65 exceeds pipeline.max_batch_rows=64"):
+        list(orch.map(rows(10), batch_rows=65))
+    from orchestrator import InputError
+    with pytest.raises(InputError, match=r"batch 0 on worker worker-\d: expected float32 \(N, 16\), got float64"):
+        orch.run(rows(10).astype(np.float64))
+    np.testing.assert_array_equal(orch.run(rows(10)), reference(rows(10)))  # still usable
+
+
+def test_slow_worker_does_not_hold_back_the_fast_one():
+    cfg = config(faults={"worker-0": {"delay_s": 1.0}}, dispatch={"inflight_per_worker": 2})
+    with Orchestrator(cfg) as o:
+        x = rows(64 * 30, seed=5)
+        started = time.perf_counter()
+        first = []
+        for r in o.map(x):
+            first.append((r.worker, time.perf_counter() - started))
+            if len(first) == 10:
+                break
+    fast = [t for w, t in first if w == "worker-1"]
+    assert len(fast) >= 8, first  # the fast worker's results arrive while the slow one sleeps
+    assert fast[7] < 1.0, first
+
+
+def test_model_error_names_batch_and_worker_and_skip_policy():
+    cfg = config(faults={"worker-0": {"raise_on_batches": [3]}, "worker-1": {"raise_on_batches": [3]}})
+    x = rows(64 * 8, seed=6)
+    with Orchestrator(cfg) as o:
+        with pytest.raises(ModelError, match=r"batch 3 on worker worker-\d: fault injection"):
+            o.run(x)
+    with Orchestrator(cfg.model_copy(update={"errors": cfg.errors.model_copy(update={"on_error": "skip"})})) as o:
+        results = list(o.map(x, ordered=True))
+    assert [r.batch_id for r in results] == list(range(8))
+    assert results[3].error is not None and results[3].outputs is None
+    np.testing.assert_array_equal(results[4].outputs, reference(x[256:320]))
+
+
+def test_shutdown_leaves_no_actors_behind():
+    with Orchestrator(config()) as o:
+        handles = [w.actor for w in o.workers]
+        o.run(rows(100))
+    for handle in handles:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.ping.remote(), timeout=30)
+    assert ray.is_initialized()  # it did not start Ray, so it leaves Ray running
+
+
+def test_more_workers_than_gpus_is_a_clear_error():
+    with pytest.raises(WorkerStartError, match="you requested 5 workers x 1 GPU = 5 GPUs but the cluster has 4"):
+        Orchestrator(config(cluster={"num_workers": 5})).start()
+
+
+def test_fractional_gpus_pack_two_workers_per_gpu():
+    with Orchestrator(config(cluster={"gpus_per_worker": 0.5, "num_workers": 4})) as o:
+        assert len(o.workers) == 4
+        ids = [i["gpu_ids"] for i in o.worker_info]
+        assert len({tuple(i) for i in ids}) == 2 and all(len(i) == 1 for i in ids)  # two workers per GPU
+        np.testing.assert_array_equal(o.run(rows(300)), reference(rows(300)))
+
+
+def test_model_that_fails_to_build_is_reported():
+    with pytest.raises(WorkerStartError, match="failed to build its model.*zoo:nope"):
+        Orchestrator(config(model={"source": "zoo:nope"}, cluster={"worker_start_timeout_s": 60})).start()
+
+
+def test_workers_see_no_cuda_context_in_the_driver():
+    import orchestrator  # noqa: F401  importing must not start CUDA
+    assert not torch.cuda.is_initialized()
