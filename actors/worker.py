@@ -76,6 +76,9 @@ class GpuWorker:
         self.faults = _Faults(**(faults or {}))
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
         if torch.cuda.is_available():
+            from torch.backends import cudnn  # imported here: the actor class must pickle
+
+            cudnn.benchmark = True  # batch shapes repeat: autotuned convolutions pay off after one batch
             device = torch.device("cuda", 0)  # Ray narrows CUDA_VISIBLE_DEVICES to this worker's GPU
         else:
             device = torch.device("cpu")
