@@ -11,7 +11,8 @@ future. Batch n+1 copies in while batch n computes and batch n-1 copies out.
 Allocator safety: the device input is owned by the slot; model outputs are
 allocated on the compute stream and read by the D2H stream, so each is marked
 with ``record_stream`` and the caching allocator keeps its memory until the
-D2H copy has finished.
+D2H copy has finished. With CUDA graphs on, compute replays a graph captured
+against the slot's own buffers instead (``actors.graphs``).
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from actors.errors import InputError, ModelError, PipelineBrokenError
+from actors.graphs import GraphConfig, GraphRunner, buckets_for
 from actors.models import BuiltModel
 from actors.streams import D2H, H2D, StreamManager
 
@@ -48,12 +50,25 @@ class PipelineConfig:
     check_finite: bool = False
     timing_every: int = 16  # time one batch in this many with CUDA events (0: never)
     timeline: bool = False  # keep per-batch spans for a Chrome-trace timeline (timed batches only)
+    graphs: GraphConfig = dataclasses.field(default_factory=GraphConfig)  # CUDA graphs for compute (actors.graphs)
 
     def __post_init__(self) -> None:
         for name, low in (("depth", 1), ("max_batch_rows", 1), ("staging_threads", 1), ("timing_every", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"PipelineConfig.{name} must be an int >= {low}, got {value!r}")
+        # A mapping arrives from YAML and across the Ray boundary, where configs travel as plain values.
+        try:
+            graphs = GraphConfig(**self.graphs) if isinstance(self.graphs, Mapping) else self.graphs
+        except TypeError as err:
+            raise ValueError(f"PipelineConfig.graphs: {err}") from err
+        if not isinstance(graphs, GraphConfig):
+            raise ValueError(f"PipelineConfig.graphs must be a GraphConfig or a mapping, got {self.graphs!r}")
+        object.__setattr__(self, "graphs", graphs)
+        try:
+            buckets_for(self.max_batch_rows, graphs.buckets)
+        except ValueError as err:
+            raise ValueError(f"PipelineConfig.graphs.buckets: {err}") from err
 
 
 @dataclasses.dataclass
@@ -159,6 +174,10 @@ class Pipeline:
         self.stats = PipelineStats()
         self._out_spec, out_rows = self._probe_outputs()
         self._slots = [self._make_slot(i, out_rows) for i in range(self.config.depth)]
+        self.graphs = GraphRunner(self.config.graphs, streams, self._slots, self.config.max_batch_rows,
+                                  self._run_model, self._eager_compute, self.name)
+        if self.config.graphs.enabled:
+            self._compute_fn = self.graphs.compute
         self._free = threading.Semaphore(self.config.depth)
         self._cursor = 0
         self._staging = concurrent.futures.ThreadPoolExecutor(self.config.staging_threads, thread_name_prefix="staging")
@@ -375,6 +394,7 @@ class Pipeline:
         with self._submit_lock:
             self._inflight.put(None)
         self._completion.join()
+        self.graphs.close()
         self._staging.shutdown(wait=True)
         self._slots = []
 

@@ -30,7 +30,6 @@ import contextlib
 import enum
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from typing import Union
 
@@ -127,8 +126,9 @@ class StreamManager:
         self.device = _resolve_device(device)
         self._lock = threading.Lock()
         self._user: dict[int, Stream] = {}
-        # Weak: an event the caller dropped is freed at once instead of piling up here.
-        self._events: weakref.WeakSet[Event] = weakref.WeakSet()
+        # Strong references, dropped by close(). Not a WeakSet: weak references to
+        # torch.cuda.Event can dangle after the event is freed (pytorch#183403).
+        self._events: list[Event] = []
         self._created = 0
         self._closed = False
         if self.is_cuda:
@@ -201,7 +201,7 @@ class StreamManager:
             return len(self._user)
 
     def live_events(self) -> int:
-        """Events created by this manager that are still referenced somewhere."""
+        """Events created by this manager and held until ``close``."""
         with self._lock:
             return len(self._events)
 
@@ -233,11 +233,11 @@ class StreamManager:
             stream.synchronize()
 
     def create_event(self, enable_timing: bool = False) -> Event:
-        """A new event owned by this manager (released by ``close``)."""
+        """A new event owned by this manager and held until ``close``: create per-slot events once, not per batch."""
         with self._lock:
             self._check_open()
             event = torch.cuda.Event(enable_timing=enable_timing) if self.is_cuda else CpuEvent(enable_timing)
-            self._events.add(event)
+            self._events.append(event)
             return event
 
     def insert_event(self, stream: Stream, event: Event | None = None) -> Event:
