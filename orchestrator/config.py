@@ -6,13 +6,19 @@ validation so that a bad override is reported with its path like any field.
 """
 from __future__ import annotations
 
+import difflib
+import re
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from actors.pipeline import PipelineConfig
+
+OUTPUT_SUFFIXES = (".npy", ".parquet")
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 class _Strict(BaseModel):
@@ -20,40 +26,82 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Which model each worker builds, and how."""
+    """Which model each worker builds, and how (``actors.models.load_model``)."""
 
     source: str = Field("zoo:tiny_mlp", description="zoo:NAME, package.module:factory, or a .pt/.pt2 file")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    channels_last: bool = False
-    input_dtype: str | None = None
-    input_shape: tuple[int, ...] | None = None
-    postprocess: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="compute precision")
+    channels_last: bool = Field(False, description="channels_last memory format (image models)")
+    input_dtype: str | None = Field(None, description="row dtype; needed by a bare nn.Module or TorchScript file")
+    input_shape: tuple[int, ...] | None = Field(None, description="row shape without the batch dimension")
+    postprocess: str | None = Field(None, description="'argmax', 'topkK' (e.g. 'topk5') or 'none'; "
+                                                      "default: the model's own ('argmax' for the ResNets)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a factory or zoo model")
     seed: int = Field(0, description="torch seed set before building, so every worker builds the same random weights")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        from actors.models import FILE_SUFFIXES
+        from actors.zoo import ZOO
+
+        if source.startswith("zoo:"):
+            name = source.removeprefix("zoo:")
+            if name not in ZOO:
+                raise ValueError(f"unknown zoo model {name!r}; known: {', '.join('zoo:' + n for n in sorted(ZOO))}")
+        elif not (_FACTORY.fullmatch(source) or source.endswith(FILE_SUFFIXES)):
+            raise ValueError(f"{source!r} is none of zoo:NAME, package.module:factory, or a model file "
+                             f"({', '.join(FILE_SUFFIXES)})")
+        return source
 
 
 class ClusterConfig(_Strict):
     """Where the workers run."""
 
-    address: str | None = Field(None, description="None starts a local Ray; 'auto' or 'ray://host:port' attaches")
+    address: str | None = Field(None, description="None: RAY_ADDRESS if set (as inside a Ray job), else the cluster "
+                                                  "`ray start` left on this machine, else a new local Ray; "
+                                                  "'auto' or 'ray://host:port' attaches; 'local' always starts one")
     num_workers: int | None = Field(None, ge=1, description="default: one per GPU, or cpu_workers without GPUs")
-    gpus_per_worker: float = Field(1.0, gt=0, le=1)
+    gpus_per_worker: float = Field(1.0, gt=0, le=1, description="a fraction packs several workers on one GPU")
     cpu_workers: int = Field(2, ge=1, description="workers started when the cluster has no GPU")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    dashboard_host: str = "127.0.0.1"
-    worker_start_timeout_s: float = Field(120.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker")
+    dashboard_host: str = Field("127.0.0.1", description="dashboard address for a Ray started here; the Orchestrator "
+                                                         "starts it without a dashboard, so this has no effect today")
+    worker_start_timeout_s: float = Field(120.0, gt=0, description="deadline for every worker to build its model "
+                                                                   "and answer (Ray waits forever for resources)")
     max_worker_restarts: int = Field(3, ge=0, description="restarts per worker after it dies")
+
+
+class GraphSettings(_Strict):
+    """CUDA graphs for the compute stage (actors.graphs.GraphConfig); always off on the CPU backend."""
+
+    enabled: bool = Field(False, description="replay a captured graph per batch-size bucket instead of eager "
+                                             "kernels; exact only for row-independent (eval-mode) models")
+    buckets: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, description="batch sizes to capture (a batch pads up to the next one); default: powers "
+                                        "of two below pipeline.max_batch_rows, and max_batch_rows itself")
+    capture: Literal["startup", "first_use"] = Field("startup", description="capture every bucket when the worker "
+                                                                             "starts, or each on its first batch")
+    warmup_iters: int = Field(3, ge=1, description="eager runs per bucket before its capture")
 
 
 class PipelineSettings(_Strict):
     """Per-worker pipeline (actors.pipeline.PipelineConfig)."""
 
-    depth: int = Field(3, ge=1, le=16)
-    max_batch_rows: int = Field(256, ge=1)
-    staging_threads: int = Field(8, ge=1, le=64)
-    check_finite: bool = False
-    timing_every: int = Field(16, ge=0)
-    timeline: bool = False
+    depth: int = Field(3, ge=1, le=16, description="ring slots: copy-in, compute and copy-out overlap")
+    max_batch_rows: int = Field(256, ge=1, description="rows per slot")
+    staging_threads: int = Field(8, ge=1, le=64, description="host threads copying into and out of pinned memory")
+    check_finite: bool = Field(False, description="reject batches with NaN/inf before any device work")
+    timing_every: int = Field(16, ge=0, description="time one batch in N with CUDA events (0: never)")
+    timeline: bool = Field(False, description="keep per-batch spans for a Chrome trace")
+    graphs: GraphSettings = Field(default_factory=GraphSettings)
+
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> PipelineSettings:
+        buckets = self.graphs.buckets
+        if buckets and max(buckets) > self.max_batch_rows:
+            raise ValueError(f"pipeline.graphs.buckets reaches {max(buckets)}, above "
+                             f"pipeline.max_batch_rows={self.max_batch_rows}")
+        return self
 
     def build(self) -> PipelineConfig:
         return PipelineConfig(**self.model_dump())
@@ -64,39 +112,96 @@ class DispatchConfig(_Strict):
 
     batch_rows: int = Field(256, ge=1, description="rows per batch when the driver splits an array or file")
     inflight_per_worker: int | None = Field(None, ge=1, description="default: pipeline depth + 1")
-    ordered: bool = False
+    ordered: bool = Field(False, description="yield results in input order (the CLI writes outputs in input "
+                                             "order either way)")
     reorder_window: int = Field(64, ge=1, description="max batches dispatched ahead of the oldest unfinished one "
                                                         "in ordered mode (bounds the re-order buffer)")
     batch_timeout_s: float = Field(600.0, gt=0, description="a batch still running after this is treated as hung")
-    progress: bool | None = Field(None, description="tqdm progress bar; None: only on a terminal")
+    progress: bool | None = Field(None, description="tqdm progress bar; None: only on a terminal (the CLI logs "
+                                                    "progress lines instead when stderr is not a terminal)")
 
 
 class ErrorConfig(_Strict):
     """What a failed batch does to the run."""
 
-    on_error: Literal["raise", "skip", "retry"] = "raise"
+    on_error: Literal["raise", "skip", "retry"] = Field(
+        "raise", description="raise: stop the run; skip: record the batch as failed and go on; "
+                             "retry: run it again on another worker")
     max_retries: int = Field(2, ge=0, description="with on_error=retry: attempts on other workers before giving up")
+
+
+_INPUT_KINDS = {".npy": "npy", ".parquet": "parquet"}
 
 
 class InputConfig(_Strict):
     """Where the CLI reads its inputs (the Python API takes them as an argument instead)."""
 
-    kind: Literal["synthetic", "npy", "parquet"] = "synthetic"
-    path: str | None = None
-    column: str | None = None
-    rows: int = Field(4096, ge=1, description="synthetic: total rows")
-    seed: int = 0
+    kind: Literal["synthetic", "npy", "parquet"] = Field(
+        "synthetic", description="default: npy or parquet from the suffix of path, else synthetic")
+    path: str | None = Field(None, description="npy/parquet: the file (on several nodes, on a shared file system)")
+    column: str | None = Field(None, description="parquet: the column to read (needed when there are several)")
+    rows: int = Field(4096, ge=1, description="synthetic: total rows (ignored for files)")
+    seed: int = Field(0, description="synthetic: random seed (ignored for files)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_from_suffix(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") is None and isinstance(data.get("path"), str):
+            kind = _INPUT_KINDS.get(Path(data["path"]).suffix)
+            if kind is None:
+                raise ValueError(f"input.path {data['path']!r}: set input.kind (npy or parquet); the suffix does "
+                                 f"not say which")
+            data = {**data, "kind": kind}
+        return data
 
     @model_validator(mode="after")
-    def _path_needed(self) -> InputConfig:
+    def _fields_match_kind(self) -> InputConfig:
+        # A path or column that the kind ignores would silently run on the wrong data; rows and
+        # seed are only ever synthetic settings, so a file config may keep them.
+        if self.kind == "synthetic" and self.path:
+            raise ValueError(f"input.path is set but input.kind is 'synthetic'; set input.kind to npy or parquet, "
+                             f"or leave it out to take it from the suffix of {self.path!r}")
         if self.kind != "synthetic" and not self.path:
             raise ValueError(f"input.path is required for input.kind={self.kind!r}")
+        if self.column is not None and self.kind != "parquet":
+            raise ValueError(f"input.column is only read for parquet, not input.kind={self.kind!r}")
         return self
 
 
 class OutputConfig(_Strict):
-    path: str | None = Field(None, description="where the CLI writes outputs (.npy or .parquet); None: not written")
-    report: str | None = Field(None, description="where the CLI writes the JSON run report")
+    """What the CLI writes, each file atomically (a temporary file, then a rename)."""
+
+    path: str | None = Field(None, description="outputs in input order with their batch ids: .npy (plus "
+                                               ".batch_ids.npy) or .parquet; None: not written")
+    report: str | None = Field(None, description="the JSON run report")
+
+    @field_validator("path")
+    @classmethod
+    def _known_suffix(cls, path: str | None) -> str | None:
+        if path is not None and not path.endswith(OUTPUT_SUFFIXES):
+            raise ValueError(f"must end in .npy or .parquet, got {path!r}")
+        return path
+
+
+class MetricsConfig(_Strict):
+    """What a run tells while it runs. (Prometheus export is not implemented yet.)"""
+
+    log_every_s: float = Field(10.0, ge=0, description="the CLI prints a progress line (rows, rows/s, failures) "
+                                                       "this often when stderr is not a terminal, e.g. in a Ray "
+                                                       "job's log; 0: only the last one")
+
+
+class DecodeConfig(_Strict):
+    """Autoregressive decode, two streams in ping-pong (DESIGN.md, "Autoregressive decode").
+
+    No runtime yet (actors/decode.py): nothing reads this section, and ``orchestrator
+    run`` refuses a config that has it.
+    """
+
+    max_new_tokens: int = Field(..., ge=1, description="tokens generated per prompt at most")
+    eos_token_id: int | None = Field(None, ge=0, description="a sequence ends at this token; None: never early")
+    ping_pong: bool = Field(True, description="two streams alternate so the end-of-sequence check of step t "
+                                              "overlaps step t+1")
 
 
 class FaultConfig(_Strict):
@@ -108,6 +213,8 @@ class FaultConfig(_Strict):
 
 
 class RunConfig(_Strict):
+    """A whole run. Sections are validated in this order, so a cross-section check sees the earlier ones."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
@@ -115,6 +222,8 @@ class RunConfig(_Strict):
     errors: ErrorConfig = Field(default_factory=ErrorConfig)
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    decode: DecodeConfig | None = Field(None, description="autoregressive decode (not implemented yet)")
     faults: dict[str, FaultConfig] = Field(default_factory=dict, description="keyed by worker name, e.g. worker-0")
 
     @field_validator("pipeline")
@@ -123,22 +232,32 @@ class RunConfig(_Strict):
         v.build()
         return v
 
-    @model_validator(mode="after")
-    def _batches_fit_the_pipeline(self) -> RunConfig:
-        if self.dispatch.batch_rows > self.pipeline.max_batch_rows:
-            raise ValueError(f"dispatch.batch_rows={self.dispatch.batch_rows} exceeds "
-                             f"pipeline.max_batch_rows={self.pipeline.max_batch_rows}")
-        return self
+    @field_validator("dispatch")
+    @classmethod
+    def _batches_fit_the_pipeline(cls, v: DispatchConfig, info: ValidationInfo) -> DispatchConfig:
+        pipeline = info.data.get("pipeline")
+        if pipeline and v.batch_rows > pipeline.max_batch_rows:
+            raise ValueError(f"dispatch.batch_rows={v.batch_rows} exceeds "
+                             f"pipeline.max_batch_rows={pipeline.max_batch_rows}")
+        return v
 
     @property
     def inflight_per_worker(self) -> int:
         return self.dispatch.inflight_per_worker or self.pipeline.depth + 1
 
+    def not_implemented(self) -> list[str]:
+        """The parts of this config that have no runtime yet, each with what to change; empty when it can run."""
+        missing = []
+        if self.decode is not None:
+            missing.append("decode: autoregressive decode has no runtime yet (actors/decode.py)")
+        return missing
+
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+        """Load ``path`` with ``yaml.safe_load``, apply dotted ``overrides``, then validate."""
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+            raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
         return cls.from_dict(data, overrides)
 
     @classmethod
@@ -150,19 +269,81 @@ class RunConfig(_Strict):
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply ``a.b.c=value`` to nested ``data``; the value is parsed as YAML (``4``, ``true``, ``[1, 2]``)."""
+    """Apply ``a.b.c=value`` to nested ``data``; the value is parsed as YAML (``4``, ``true``, ``[1, 2]``, ``null``).
+
+    Sections on the path are copied, never mutated, so ``data``'s nested dicts may be shared.
+    An empty value (``output.path=``) is ``null``.
+    """
     key, sep, raw = item.partition("=")
-    if not sep or not key:
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
         raise ValueError(f"override {item!r} must look like section.field=value")
-    *parents, leaf = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {item!r}: the value is not valid YAML: {err}") from err
+    *parents, leaf = parts
     node = data
-    for part in parents:
+    for depth, part in enumerate(parents):
         child = node.get(part)
         if child is None:
-            child = node[part] = {}
+            child = {}
         elif not isinstance(child, dict):
-            raise ValueError(f"override {item!r}: {part!r} is not a section")
-        else:
-            child = node[part] = dict(child)
+            raise ValueError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is {child!r}, not a section")
+        node[part] = child = dict(child)
         node = child
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = value
+
+
+def describe_errors(err: ValidationError) -> list[str]:
+    """One line per bad field: its dotted path, what is wrong, and the value given.
+
+    An unknown field also names the closest known one, so a typo reads as one. A
+    cross-field check reports on its section and names the fields in its text.
+    """
+    lines = []
+    for e in err.errors():
+        loc = ".".join(map(str, e["loc"])) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            known = _fields_at(e["loc"][:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            msg = "unknown field" + (f" (did you mean {close[0]!r}?)" if close else "")
+            if known:
+                msg += f"; known: {', '.join(known)}"
+        elif e["type"] == "value_error":  # this module's own checks name the field and the value
+            if msg.startswith(loc + "."):
+                lines.append(msg)
+                continue
+        elif not isinstance(e.get("input"), dict):
+            shown = repr(e.get("input"))
+            msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+        lines.append(f"{loc}: {msg}")
+    return lines
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model at ``loc`` inside a RunConfig; the key under a dict section is skipped."""
+    model: Any = RunConfig
+    key_next = False
+    for part in loc:
+        if key_next:  # e.g. the worker name in faults.worker-0.delay_s
+            key_next = False
+            continue
+        if model is None or part not in model.model_fields:
+            return []
+        annotation = model.model_fields[part].annotation
+        key_next = typing.get_origin(annotation) is dict
+        model = _model_in(annotation)
+    return list(model.model_fields) if model is not None and not key_next else []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model an annotation holds: ``X``, ``X | None`` or ``dict[str, X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(typing.get_args(annotation)):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

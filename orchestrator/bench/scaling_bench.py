@@ -39,6 +39,9 @@ WORKLOADS = {
 }
 
 
+METHODS = ("gpu_only", "handwritten", "ray_data", "orchestrator")
+
+
 def _model_args(source: str, dtype: str, channels_last: bool) -> dict[str, Any]:
     return {"source": source, "dtype": dtype, "channels_last": channels_last}
 
@@ -112,7 +115,7 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, gpus: int, repeats: int, per_gpu: float) -> list[dict[str, Any]]:
+def bench(name: str, gpus: int, repeats: int, per_gpu: float, methods: list[str]) -> list[dict[str, Any]]:
     source, dtype, channels_last, rows, pool, passes = WORKLOADS[name]
     model_args = _model_args(source, dtype, channels_last)
     rng = np.random.default_rng(0)
@@ -131,34 +134,58 @@ def bench(name: str, gpus: int, repeats: int, per_gpu: float) -> list[dict[str, 
                     "rows_per_s": rate if rate is not None else total_rows / seconds})
         print(f"  {name} x{gpus} {method}: {out[-1]['rows_per_s']:,.0f} rows/s", flush=True)
 
-    actor_cls = ray.remote(num_gpus=per_gpu)(Handwritten)
-    actors = [actor_cls.remote(model_args) for _ in range(gpus)]
-    sample = ray.get(refs[0])
-    record("gpu_only", None, sum(ray.get([a.gpu_only.remote(sample, 2 * pool, repeats) for a in actors])))
-    record("handwritten", _timed(lambda: ray.get([actors[i % gpus].infer.remote(r) for i, r in enumerate(feed)]),
-                                 repeats))
-    for a in actors:
-        ray.kill(a)
+    if "gpu_only" in methods or "handwritten" in methods:
+        actor_cls = ray.remote(num_gpus=per_gpu)(Handwritten)
+        actors = [actor_cls.remote(model_args) for _ in range(gpus)]
+        if "gpu_only" in methods:
+            sample = ray.get(refs[0])
+            record("gpu_only", None, sum(ray.get([a.gpu_only.remote(sample, 2 * pool, repeats) for a in actors])))
+        if "handwritten" in methods:
+            record("handwritten", _timed(
+                lambda: ray.get([actors[i % gpus].infer.remote(r) for i, r in enumerate(feed)]), repeats))
+        for a in actors:
+            ray.kill(a)
 
-    def ray_data() -> None:
+    def ray_data() -> float:
+        """Rows/s from the first output batch on: each execution starts its own actor pool,
+        and that start-up is left out, as it is for the other methods (their actors persist)."""
         ds = ray.data.from_numpy_refs(feed).map_batches(
             RayDataModel, fn_constructor_args=(model_args,), batch_size=rows, num_gpus=per_gpu, concurrency=gpus,
             batch_format="numpy", zero_copy_batch=True)
-        for _ in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            pass
+        first = None
+        counted = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if first is None:
+                first = time.perf_counter()
+            else:
+                counted += len(batch["out"])
+        return counted / (time.perf_counter() - first)
 
-    record("ray_data", _timed(ray_data, repeats))
+    if "ray_data" in methods:
+        ray_data()  # warm-up
+        record("ray_data", None, statistics.median(ray_data() for _ in range(repeats)))
 
-    from orchestrator import Orchestrator, RunConfig
+    if "orchestrator" in methods:
+        from orchestrator import Orchestrator, RunConfig
 
-    cfg = RunConfig.model_validate({
-        "model": model_args, "cluster": {"num_workers": gpus, "gpus_per_worker": per_gpu or 1.0},
-        "pipeline": {"max_batch_rows": rows}, "dispatch": {"batch_rows": rows, "progress": False}})
-    with Orchestrator(cfg) as orch:
-        record("orchestrator", _timed(lambda: sum(1 for _ in orch.map(feed)), repeats))
-        out[-1]["bound"] = orch.report()["bound"]
+        cfg = RunConfig.model_validate({
+            "model": model_args, "cluster": {"num_workers": gpus, "gpus_per_worker": per_gpu or 1.0},
+            "pipeline": {"max_batch_rows": rows}, "dispatch": {"batch_rows": rows, "progress": False}})
+        with Orchestrator(cfg) as orch:
+            record("orchestrator", _timed(lambda: sum(1 for _ in orch.map(feed)), repeats))
+            out[-1]["bound"] = orch.report()["bound"]
     del refs, feed
     return out
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row against the same method on 1 GPU, and against gpu_only and handwritten on as many GPUs."""
+    by = {(r["workload"], r["gpus"], r["method"]): r["rows_per_s"] for r in rows}
+    for r in rows:
+        for key, ref in (("vs_1_gpu", (r["workload"], 1, r["method"])),
+                         ("vs_gpu_only", (r["workload"], r["gpus"], "gpu_only")),
+                         ("vs_handwritten", (r["workload"], r["gpus"], "handwritten"))):
+            r[key] = r["rows_per_s"] / by[ref] if ref in by else None
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -166,6 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--workloads", default="resnet50,resnet18,mlp")
     parser.add_argument("--gpus", default="1,2", help="GPU counts to run, e.g. 1,2")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU workers with fake GPUs (no CUDA)")
     parser.add_argument("--out", default="docs/results/scaling.json")
     args = parser.parse_args(argv)
@@ -182,15 +210,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     try:
         for name in workloads:
             for gpus in counts:
-                rows += bench(name, gpus, args.repeats, per_gpu)
+                rows += bench(name, gpus, args.repeats, per_gpu, args.methods.split(","))
     finally:
         ray.shutdown()
-    by = {(r["workload"], r["gpus"], r["method"]): r["rows_per_s"] for r in rows}
-    for r in rows:
-        one = by.get((r["workload"], 1, r["method"]))
-        r["vs_1_gpu"] = r["rows_per_s"] / one if one else None
-        r["vs_gpu_only"] = r["rows_per_s"] / by[(r["workload"], r["gpus"], "gpu_only")]
-        r["vs_handwritten"] = r["rows_per_s"] / by[(r["workload"], r["gpus"], "handwritten")]
+    add_ratios(rows)
     print_table(rows, ["workload", "gpus", "method", "rows_per_s", "vs_1_gpu", "vs_gpu_only", "vs_handwritten"])
     write_result(args.out, "scaling", "python -m orchestrator.bench.scaling_bench " + " ".join(argv or []), rows,
                  ray_data_arguments="batch_size=B, num_gpus=1, concurrency=N, batch_format='numpy', "
