@@ -35,17 +35,18 @@ class _Faults:
     """Injected faults (see orchestrator.config.FaultConfig); all off by default."""
 
     def __init__(self, delay_s: float = 0.0, raise_on_batches: list[int] | None = None,
-                 exit_after_batches: int | None = None) -> None:
+                 exit_after_batches: int | None = None, exit_on_batches: list[int] | None = None) -> None:
         self.delay_s = delay_s
         self.raise_on = set(raise_on_batches or ())
         self.exit_after = exit_after_batches
+        self.exit_on = set(exit_on_batches or ())
         self.seen = 0
         self._lock = threading.Lock()
 
     def before(self, batch_id: int) -> None:
         with self._lock:
             self.seen += 1
-            if self.exit_after is not None and self.seen > self.exit_after:
+            if (self.exit_after is not None and self.seen > self.exit_after) or batch_id in self.exit_on:
                 log.error("fault injection: worker exits before batch %d", batch_id)
                 os._exit(1)
         if self.delay_s:

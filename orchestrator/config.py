@@ -210,6 +210,9 @@ class FaultConfig(_Strict):
     delay_s: float = Field(0.0, ge=0, description="sleep this long before each batch (a slow worker)")
     raise_on_batches: list[int] = Field(default_factory=list, description="the model raises on these batch ids")
     exit_after_batches: int | None = Field(None, ge=0, description="the worker process exits after this many batches")
+    exit_on_batches: list[int] = Field(default_factory=list,
+                                       description="the worker process exits when it receives these batch ids "
+                                                   "(a poison batch)")
 
 
 class RunConfig(_Strict):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from actors.errors import BatchError, InputError, ModelError, OrchestratorError
 from actors.pipeline import BatchResult
@@ -170,8 +170,12 @@ class Dispatcher:
                     return True
                 self._taken += 1
             avoid = self._avoid.get(batch.batch_id)
-            choices = [w for w in live if w is not avoid] or live
-            self._send(batch, min(choices, key=lambda w: w.inflight))
+            choices = [w for w in live if w is not avoid]
+            if not choices and len(self._live()) > 1:
+                # Only the worker it failed on has room: wait for another one to free up.
+                self._retry.appendleft(batch)
+                return exhausted
+            self._send(batch, min(choices or live, key=lambda w: w.inflight))
 
     def _too_far_ahead(self) -> bool:
         if self.max_ahead is None:
@@ -192,7 +196,7 @@ class Dispatcher:
         try:
             out: BatchResult = ray.get(ref, timeout=0)
         except RayActorError as err:
-            self._worker_died(call, err)
+            yield from self._worker_died(call, err)
             return
         except RayTaskError as err:
             cause = err.cause
@@ -219,6 +223,11 @@ class Dispatcher:
             self.stats.retried += 1
             log.warning("%s; retrying elsewhere (attempt %d of %d)", error, self._attempts[batch_id], self.max_retries)
             return
+        yield from self._end_with_error(call, error)
+
+    def _end_with_error(self, call: _Call, error: BatchError) -> Iterator[Result]:
+        """End a batch as an error: yielded as an error Result with ``skip``, raised otherwise."""
+        batch_id = call.batch.batch_id
         if not self._ledger.end(batch_id):
             self.stats.duplicates_dropped += 1
             return
@@ -233,7 +242,11 @@ class Dispatcher:
             return
         raise error
 
-    def _worker_died(self, call: _Call, err: Exception) -> None:
+    def _worker_died(self, call: _Call, err: Exception) -> Iterator[Result]:
+        """Re-dispatch the dead worker's batch; fail it (named) once it has taken too many workers down.
+
+        Every batch in flight on a worker that dies is counted, since which one killed it is unknown.
+        """
         worker, batch = call.worker, call.batch
         if worker.alive and worker.probe is None:
             worker.deaths += 1
@@ -241,14 +254,11 @@ class Dispatcher:
             log.warning("worker %s died (%s); re-dispatching its batches", worker.name, _first_line(err))
             worker.probe, worker.probe_since = worker.actor.ping.remote(), time.monotonic()
         self._attempts[batch.batch_id] += 1
-        if self._attempts[batch.batch_id] > self.max_retries + 1:
-            error = BatchError(batch.batch_id, f"{self._attempts[batch.batch_id]} workers died running this batch; "
-                                               f"giving up on it", worker.name)
-            self._ledger.end(batch.batch_id)
-            self.stats.failed += 1
-            self.stats.errors.append(str(error))
-            if self.on_error != "skip":
-                raise error
+        deaths = self._attempts[batch.batch_id]
+        if deaths > self.max_retries:  # the first run and max_retries re-runs all killed a worker
+            error = BatchError(batch.batch_id, f"{deaths} workers died running this batch; giving up on it",
+                               worker.name)
+            yield from self._end_with_error(call, error)
             return
         self._avoid[batch.batch_id] = worker
         self._retry.append(batch)
@@ -259,6 +269,9 @@ class Dispatcher:
         try:
             ray.get(ref, timeout=0)
             log.warning("worker %s is back after a restart", worker.name)
+        except ActorUnavailableError:
+            # Still restarting: ask again (the probe deadline still applies).
+            worker.probe = worker.actor.ping.remote()
         except Exception as err:  # ActorDiedError once Ray's restart budget is spent
             worker.alive = False
             log.error("worker %s is gone: %s", worker.name, _first_line(err))
