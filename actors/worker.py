@@ -121,7 +121,8 @@ class GpuWorker:
         """Counters, per-stage times, the bound analysis and device memory of this worker."""
         stats = self.pipeline.stats
         out = {"name": self.name, "device": str(self.streams.device), **stats.as_dict(),
-               "bound": analyse(stats, copy_ceilings(self.streams.device)).as_dict()}
+               "bound": analyse(stats, copy_ceilings(self.streams.device)).as_dict(),
+               "graphs": self.pipeline.graphs.stats.as_dict()}
         if self.streams.is_cuda:
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.streams.device)
             out["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.streams.device)

@@ -174,7 +174,6 @@ def bench(name: str, gpus: int, repeats: int, per_gpu: float, methods: list[str]
         with Orchestrator(cfg) as orch:
             record("orchestrator", _timed(lambda: sum(1 for _ in orch.map(feed)), repeats))
             out[-1]["bound"] = orch.report()["bound"]
-    del refs, feed
     return out
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from actors.models import load_model
+from orchestrator import RunConfig
 
 RAY_GPUS = 4  # logical GPUs of the test cluster (tests/orchestrator/conftest.py)
 
@@ -33,3 +34,12 @@ def reference(x: np.ndarray, batch_rows: int = 64, source: str = "zoo:tiny_mlp",
 
 def rows(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
+
+
+def run_config(batch_rows: int, **sections) -> RunConfig:
+    """Two workers, ``batch_rows`` per batch, no progress bar; ``sections`` merge over that."""
+    base = {"pipeline": {"max_batch_rows": batch_rows}, "dispatch": {"batch_rows": batch_rows, "progress": False},
+            "cluster": {"num_workers": 2, "worker_start_timeout_s": 60}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return RunConfig.model_validate(base)

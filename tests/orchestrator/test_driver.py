@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from _util import RAY_GPUS, reference, rows
+from _util import RAY_GPUS, reference, rows, run_config
 
 
 from orchestrator import ModelError, Npy, Orchestrator, Parquet, RunConfig, Synthetic, WorkerStartError
@@ -18,11 +18,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def config(**sections) -> RunConfig:
-    base = {"pipeline": {"max_batch_rows": 64}, "dispatch": {"batch_rows": 64, "progress": False},
-            "cluster": {"num_workers": 2, "worker_start_timeout_s": 60}}
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return RunConfig.model_validate(base)
+    return run_config(64, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +110,7 @@ def test_report_has_throughput_workers_and_bound(orch):
     assert {w["name"] for w in rep["workers"]} == {"worker-0", "worker-1"}
     assert all(line.split(":")[0].endswith("-bound") or line == "no timed batches yet" for line in rep["bound"])
     assert rep["dispatch"]["completed"] >= 10
+    assert all(w["graphs"]["enabled"] is False for w in rep["workers"])  # graph stats reach the report
 
 
 def test_bad_inputs_are_clear_errors(orch):

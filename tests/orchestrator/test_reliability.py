@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from _util import reference, rows
+from _util import reference, rows, run_config
 
 from orchestrator import BatchError, ModelError, NoWorkersError, Orchestrator, RunConfig
 
@@ -16,11 +16,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def config(**sections) -> RunConfig:
-    base = {"pipeline": {"max_batch_rows": 32}, "dispatch": {"batch_rows": 32, "progress": False},
-            "cluster": {"num_workers": 2, "worker_start_timeout_s": 60}}
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return RunConfig.model_validate(base)
+    return run_config(32, **sections)
 
 
 def check_exactly_once(results, n_batches: int, x: np.ndarray) -> None:
