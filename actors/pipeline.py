@@ -379,13 +379,6 @@ class Pipeline:
         while pending:
             yield pending.popleft().result()
 
-    def drain(self) -> None:
-        """Block until every submitted batch has completed."""
-        for _ in range(self.config.depth):
-            self._free.acquire()
-        for _ in range(self.config.depth):
-            self._free.release()
-
     def close(self) -> None:
         """Finish in-flight batches, stop the completion thread, release buffers. Idempotent."""
         if self._closed:

@@ -132,10 +132,6 @@ class GpuWorker:
     def timeline(self) -> list[dict[str, Any]]:
         return self.pipeline.timeline.chrome_trace(self.name) if self.pipeline.timeline else []
 
-    @ray.method(concurrency_group=CONTROL_GROUP)
-    def reset_stats(self) -> None:
-        self.pipeline.stats.reset()
-
     def close(self) -> None:
         self.pipeline.close()
         self.streams.close()
