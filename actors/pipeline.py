@@ -2,7 +2,8 @@
 
 A ring of ``depth`` slots, each owning its pinned host input, device input and
 pinned host outputs. ``submit`` validates a batch, stages it into the next free
-slot, and enqueues H2D -> compute -> D2H, chained by events, without blocking
+slot (or, when its memory can be pinned in place, copies straight from it:
+``actors.pinning``), and enqueues H2D -> compute -> D2H, chained by events, without blocking
 on the device. A completion thread waits on each batch's ``d2h_done`` event in
 submission order (``Event.synchronize`` releases the GIL, so nothing spins),
 copies the outputs out of the slot, frees the slot and resolves the batch's
@@ -33,6 +34,7 @@ import torch
 from actors.errors import InputError, ModelError, PipelineBrokenError
 from actors.graphs import GraphConfig, GraphRunner, buckets_for
 from actors.models import BuiltModel
+from actors.pinning import shared_pinner
 from actors.streams import D2H, H2D, StreamManager
 
 log = logging.getLogger(__name__)
@@ -51,12 +53,16 @@ class PipelineConfig:
     timing_every: int = 16  # time one batch in this many with CUDA events (0: never)
     timeline: bool = False  # keep per-batch spans for a Chrome-trace timeline (timed batches only)
     graphs: GraphConfig = dataclasses.field(default_factory=GraphConfig)  # CUDA graphs for compute (actors.graphs)
+    pin_in_place_gb: float = 16.0  # host memory registered in place for zero-copy H2D (actors.pinning); 0: stage
+
 
     def __post_init__(self) -> None:
         for name, low in (("depth", 1), ("max_batch_rows", 1), ("staging_threads", 1), ("timing_every", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"PipelineConfig.{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.pin_in_place_gb, (int, float)) or self.pin_in_place_gb < 0:
+            raise ValueError(f"PipelineConfig.pin_in_place_gb must be a number >= 0, got {self.pin_in_place_gb!r}")
         # A mapping arrives from YAML and across the Ray boundary, where configs travel as plain values.
         try:
             graphs = GraphConfig(**self.graphs) if isinstance(self.graphs, Mapping) else self.graphs
@@ -128,6 +134,7 @@ class _Slot:
         self.index = index
         self.host_in, self.dev_in, self.host_out = host_in, dev_in, host_out
         self.host_in_np = host_in.numpy()
+        self.dev_in_bytes = dev_in.view(-1).view(torch.uint8)  # target of copies from memory pinned in place
         self.host_out_np = [t.numpy() for t in host_out]
         ev = lambda: streams.create_event(enable_timing=True)  # noqa: E731
         self.h2d_start, self.h2d_done = ev(), ev()
@@ -144,6 +151,7 @@ class _InFlight:
     timed: bool
     stage_ms: float
     stage_start: float
+    source: np.ndarray  # held until completion: a copy may read it in place until then
 
 
 class Pipeline:
@@ -181,6 +189,8 @@ class Pipeline:
         self._free = threading.Semaphore(self.config.depth)
         self._cursor = 0
         self._staging = concurrent.futures.ThreadPoolExecutor(self.config.staging_threads, thread_name_prefix="staging")
+        pin_budget = int(self.config.pin_in_place_gb * (1 << 30))
+        self.pinner = shared_pinner(pin_budget) if streams.is_cuda and pin_budget else None
         self.timeline = _Timeline(streams) if self.config.timeline else None
         self._completion = threading.Thread(target=self._complete_loop, name=f"completion-{self.name}", daemon=True)
         self._completion.start()
@@ -283,12 +293,20 @@ class Pipeline:
     def _enqueue(self, slot: _Slot, batch_id: int, array: np.ndarray, rows: int) -> _InFlight:
         timed = self.config.timing_every > 0 and next(self._counter) % self.config.timing_every == 0
         t0 = time.perf_counter()
-        self._copy_rows(slot.host_in_np[:rows], array)
+        in_place = self.pinner.pieces(array, id(self), slot.h2d_done) if self.pinner is not None else None
+        if in_place is None:
+            self._copy_rows(slot.host_in_np[:rows], array)
         t1 = time.perf_counter()
         streams = self.streams
         if timed:
             slot.h2d_start.record(self._h2d)
-        if slot.dev_in is not slot.host_in:
+        if in_place is not None:
+            with streams.use(self._h2d):
+                offset = 0
+                for piece in in_place:
+                    slot.dev_in_bytes[offset:offset + piece.numel()].copy_(piece, non_blocking=True)
+                    offset += piece.numel()
+        elif slot.dev_in is not slot.host_in:
             with streams.use(self._h2d):
                 slot.dev_in[:rows].copy_(slot.host_in[:rows], non_blocking=True)
         slot.h2d_done.record(self._h2d)
@@ -312,7 +330,7 @@ class Pipeline:
                 if streams.is_cuda:
                     leaf.record_stream(self._d2h)
         slot.d2h_done.record(self._d2h)
-        return _InFlight(slot, batch_id, rows, concurrent.futures.Future(), timed, (t1 - t0) * 1e3, t0)
+        return _InFlight(slot, batch_id, rows, concurrent.futures.Future(), timed, (t1 - t0) * 1e3, t0, array)
 
     def _eager_compute(self, slot: _Slot, rows: int) -> Any:
         return self._run_model(slot.dev_in[:rows])
@@ -387,6 +405,8 @@ class Pipeline:
         with self._submit_lock:
             self._inflight.put(None)
         self._completion.join()
+        if self.pinner is not None:
+            self.pinner.release(id(self))
         self.graphs.close()
         self._staging.shutdown(wait=True)
         self._slots = []

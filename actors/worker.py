@@ -122,7 +122,8 @@ class GpuWorker:
         stats = self.pipeline.stats
         out = {"name": self.name, "device": str(self.streams.device), **stats.as_dict(),
                "bound": analyse(stats, copy_ceilings(self.streams.device)).as_dict(),
-               "graphs": self.pipeline.graphs.stats.as_dict()}
+               "graphs": self.pipeline.graphs.stats.as_dict(),
+               "pinned_in_place": self.pipeline.pinner.as_dict() if self.pipeline.pinner else None}
         if self.streams.is_cuda:
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.streams.device)
             out["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.streams.device)

@@ -94,6 +94,9 @@ class PipelineSettings(_Strict):
     timing_every: int = Field(16, ge=0, description="time one batch in N with CUDA events (0: never)")
     timeline: bool = Field(False, description="keep per-batch spans for a Chrome trace")
     graphs: GraphSettings = Field(default_factory=GraphSettings)
+    pin_in_place_gb: float = Field(16.0, ge=0, description="host memory (Ray's object store, large arrays) registered "
+                                                           "with CUDA so batches are copied in without staging; "
+                                                           "0: always stage through the pinned slots")
 
     @model_validator(mode="after")
     def _buckets_fit(self) -> PipelineSettings:

@@ -228,7 +228,7 @@ def test_timing_stats_bound_report_and_timeline():
 
 
 @pytest.mark.parametrize("bad", [dict(depth=0), dict(max_batch_rows=0), dict(staging_threads=0),
-                                 dict(timing_every=-1), dict(depth="3")])
+                                 dict(timing_every=-1), dict(depth="3"), dict(pin_in_place_gb=-1)])
 def test_config_validation_names_field(bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=f"PipelineConfig.{field}"):
@@ -246,7 +246,8 @@ def test_pipeline_errors_pickle(error):
 def test_cuda_timeline_shows_h2d_overlapping_compute():
     """Batch n+1's H2D runs while batch n computes: the point of the pipeline."""
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(8)]).eval()
+    # Narrow outputs: copying 32 MiB of outputs out per batch would make the host, not the GPU, the pace-setter.
+    model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(8)], nn.Linear(2048, 16)).eval()
     b = BuiltModel(model=model, input_spec=InputSpec("float32", (2048,)), preprocess=None, postprocess=None, name="wide")
     data = batches([4096] * 12, seed=2)
     data = [(i, np.random.default_rng(i).standard_normal((4096, 2048)).astype(np.float32)) for i, _ in data]
