@@ -9,7 +9,7 @@ memcpy into a pinned slot at 10-11 GB/s, a pageable H2D at 9 GB/s.
 
 Two kinds of region are registered, lazily, as batches touch them:
 
-- a shared-memory mapping under ``/dev/shm`` (Ray's object store, where every
+- a shared-memory mapping under ``/dev/shm`` or Ray's object store file (where every
   batch a Ray worker receives lies): mapped for the life of the process and
   reused by object after object, so it is registered one aligned chunk at a
   time and stays registered until the last user lets go. One
@@ -41,6 +41,7 @@ import ctypes
 import dataclasses
 import logging
 import mmap
+import os
 import threading
 import time
 import weakref
@@ -264,12 +265,14 @@ def _cuda_error_clearer():
 
 
 def _shared_memory_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process's shared mappings of files under /dev/shm."""
+    """Address ranges of this process's shared mappings of files under /dev/shm, or of Ray's
+    object store wherever it lies (Ray falls back to /tmp when /dev/shm is too small)."""
     spans = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[1][3] == "s" and fields[5].startswith("/dev/shm/"):
+            path = fields[5].strip() if len(fields) == 6 else ""
+            if fields[1][3] == "s" and (path.startswith("/dev/shm/") or os.path.basename(path).startswith("plasma")):
                 lo, hi = fields[0].split("-")
                 spans.append((int(lo, 16), int(hi, 16)))
     return spans

@@ -173,7 +173,9 @@ def bench(name: str, gpus: int, repeats: int, per_gpu: float, methods: list[str]
             "pipeline": {"max_batch_rows": rows}, "dispatch": {"batch_rows": rows, "progress": False}})
         with Orchestrator(cfg) as orch:
             record("orchestrator", _timed(lambda: sum(1 for _ in orch.map(feed)), repeats))
-            out[-1]["bound"] = orch.report()["bound"]
+            report = orch.report()
+            out[-1]["bound"] = report["bound"]
+            out[-1]["pinned_in_place"] = [w["pinned_in_place"] for w in report["workers"]]
     return out
 
 
