@@ -356,7 +356,7 @@ class Generator:
             if loop != "naive" and self.stats.graphs and (bucket, 0) not in self._graphs:
                 self._capture(bucket)
             staged = self._host_prompts[:bucket * prompt_len].view(bucket, prompt_len)
-            staged[:rows].copy_(torch.from_numpy(prompts))
+            staged.numpy()[:rows] = prompts  # the rows may be a read-only view of Ray's object store
             staged[rows:].zero_()
             run = {"naive": self._naive, "synced": self._synced, "interleaved": self._interleaved}[loop]
             steps, launched, last = run(bucket, rows, prompt_len, max_new_tokens, batch_id)

@@ -35,6 +35,8 @@ BENCHMARKS = {
     "graphs": ("orchestrator.bench.graphs_bench", "CUDA graphs vs eager in the pipeline, per batch size"),
     "scaling": ("orchestrator.bench.scaling_bench", "1..N GPUs: this project vs hand-written Ray actors vs Ray "
                                                     "Data (--smoke runs without a GPU)"),
+    "decode": ("orchestrator.bench.decode_bench", "decode tokens/s: naive vs synced vs interleaved loops "
+                                                  "(--quick runs without a GPU)"),
 }
 
 _SUMMARY_WORKERS = 8  # worker lines in the summary; the rest are in the JSON report
@@ -350,7 +352,8 @@ def _summary(config: RunConfig, report: dict[str, Any], outcome: _Outcome) -> No
              + (f" ({report['seconds']:.2f} s of inference, {rate:,.0f} rows/s)" if rate else "")]
     workers = report.get("workers", [])
     for w in workers[:_SUMMARY_WORKERS]:
-        lines.append(f"  {w['name']} ({w['device']}): {w['rows']:,} rows; {w['bound']['line']}")
+        detail = w["bound"]["line"] if "bound" in w else w["decode"]["line"]
+        lines.append(f"  {w['name']} ({w['device']}): {w['rows']:,} rows; {detail}")
     if len(workers) > _SUMMARY_WORKERS:
         lines.append(f"  ... and {len(workers) - _SUMMARY_WORKERS} more workers")
     d = report.get("dispatch") or {}
