@@ -359,12 +359,18 @@ class Generator:
             staged.numpy()[:rows] = prompts  # the rows may be a read-only view of Ray's object store
             staged[rows:].zero_()
             run = {"naive": self._naive, "synced": self._synced, "interleaved": self._interleaved}[loop]
-            steps, launched, last = run(bucket, rows, prompt_len, max_new_tokens, batch_id)
             host_out = self._host_out[:bucket * max_new_tokens].view(bucket, max_new_tokens)
-            with self._streams.use(last):
-                host_out.copy_(self._out[:bucket, :max_new_tokens].contiguous(), non_blocking=True)
-                self._out_copied.record(last)
-            self._out_copied.synchronize()
+            try:
+                steps, launched, last = run(bucket, rows, prompt_len, max_new_tokens, batch_id)
+                with self._streams.use(last):
+                    host_out.copy_(self._out[:bucket, :max_new_tokens].contiguous(), non_blocking=True)
+                    self._out_copied.record(last)
+                self._out_copied.synchronize()
+            except BaseException:
+                # Leave nothing in flight: the next batch's loop may run on another stream.
+                for stream in (self._compute, *self._lanes):
+                    stream.synchronize()
+                raise
         tokens = host_out[:rows].numpy().copy()
         lengths = self._lengths(tokens)
         self._count(rows, int(lengths.sum()), steps, launched, time.perf_counter() - started)
