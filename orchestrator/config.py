@@ -258,10 +258,6 @@ class RunConfig(_Strict):
     def inflight_per_worker(self) -> int:
         return self.dispatch.inflight_per_worker or self.pipeline.depth + 1
 
-    def not_implemented(self) -> list[str]:
-        """The parts of this config that have no runtime yet, each with what to change; empty when it can run."""
-        return []
-
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
         """Load ``path`` with ``yaml.safe_load``, apply dotted ``overrides``, then validate."""
