@@ -305,6 +305,10 @@ class Generator:
         rows, length, device = config.max_batch, config.max_seq_len, streams.device
         dtype = next(model.parameters()).dtype
         pinned = streams.is_cuda
+        if streams.is_cuda:
+            # The lanes do not wait on other streams: the weights, moved to the device on the
+            # current stream, must be in place before a lane reads them.
+            torch.cuda.current_stream(device).synchronize()
         with torch.inference_mode(), streams.use(self._compute):
             self._cache = KVCache(shape, rows, length, dtype, device)
             self._seq = torch.zeros(rows, length, dtype=torch.long, device=device)  # prompts; the naive loop appends
@@ -325,6 +329,7 @@ class Generator:
         self._step_done = (streams.create_event(), streams.create_event())
         self._flag_copied = (streams.create_event(), streams.create_event())
         self._out_copied = streams.create_event()
+        self._drained = streams.create_event()
         self._lanes = (streams.create_stream(StreamPriority.HIGH),)
         try:
             self._lanes += (streams.create_stream(StreamPriority.HIGH),)
@@ -367,9 +372,7 @@ class Generator:
                     self._out_copied.record(last)
                 self._out_copied.synchronize()
             except BaseException:
-                # Leave nothing in flight: the next batch's loop may run on another stream.
-                for stream in (self._compute, *self._lanes):
-                    stream.synchronize()
+                self._drain()
                 raise
         tokens = host_out[:rows].numpy().copy()
         lengths = self._lengths(tokens)
@@ -395,6 +398,15 @@ class Generator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _drain(self) -> None:
+        """Wait for all work this generator queued: the next batch's loop may run on another stream.
+
+        Event waits, not ``Stream.synchronize``: those raise under sync debug mode "error".
+        """
+        for stream in (self._compute, *self._lanes):
+            self._drained.record(stream)
+            self._drained.synchronize()
 
     # -- checks ---------------------------------------------------------------------------------
     def _check(self, prompts: Any, max_new_tokens: int, batch_id: int) -> np.ndarray:

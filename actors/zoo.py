@@ -1,5 +1,7 @@
 """Built-in benchmark models (plain torch, random weights) and the pre/post-processing modules.
 
+The decoders (``gpt2_small``, ``tiny_decoder``) are ``actors.decode.Decoder``s.
+
 The ResNets copy torchvision's layer shapes and attribute names (v1.5: stride on
 the 3x3 conv), so torchvision state dicts load into them. Every pre/post-processing
 module is shape-static and free of host syncs, so it can be captured in a CUDA graph.
