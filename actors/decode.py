@@ -167,7 +167,7 @@ class Decoder(nn.Module):
         return self.lm_head(self.ln_f(x[:, -1]))
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCacheView) -> torch.Tensor:
-        """Logits ``(rows, vocab)`` after feeding ``tokens`` ``(rows,)`` at position ``pos`` (a 1-element device tensor)."""
+        """Logits ``(rows, vocab)`` after feeding ``tokens`` ``(rows,)`` at ``pos`` (a 1-element device tensor)."""
         x = (self.wte(tokens) + self.wpe(pos)).unsqueeze(1)
         mask = (cache.positions <= pos).view(1, 1, 1, -1)
         for i, block in enumerate(self.blocks):

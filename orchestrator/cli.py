@@ -126,7 +126,7 @@ def _validate(paths: list[str], overrides: list[str]) -> int:
     bad = 0
     for path in paths:
         try:
-            config = RunConfig.from_yaml(path, overrides)
+            RunConfig.from_yaml(path, overrides)
         except (ValidationError, ValueError, OSError, yaml.YAMLError) as err:
             bad += 1
             print(f"{path}: {_explain(err)}", file=sys.stderr)

@@ -27,7 +27,8 @@ def decode_config(**decode) -> RunConfig:
                       decode={**DECODE, **decode})
 
 
-def local_tokens(x: np.ndarray, batch_rows: int, prompt_len: int = PROMPT, decode: dict = DECODE) -> dict[int, np.ndarray]:
+def local_tokens(x: np.ndarray, batch_rows: int, prompt_len: int = PROMPT,
+                 decode: dict = DECODE) -> dict[int, np.ndarray]:
     """Each batch's tokens from a Generator in this process, on one thread like a Ray worker with one CPU."""
     torch.manual_seed(0)
     model = load_model("zoo:tiny_decoder", kwargs={"prompt_len": prompt_len}).model
