@@ -1,11 +1,14 @@
 """Built-in benchmark models (plain torch, random weights) and the pre/post-processing modules.
 
+The decoders (``gpt2_small``, ``tiny_decoder``) are ``actors.decode.Decoder``s.
+
 The ResNets copy torchvision's layer shapes and attribute names (v1.5: stride on
 the 3x3 conv), so torchvision state dicts load into them. Every pre/post-processing
 module is shape-static and free of host syncs, so it can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from actors.decode import GPT2_SMALL, TINY_DECODER, Decoder, DecoderShape
 from actors.errors import ModelLoadError
 from actors.models import BuiltModel, InputSpec
 
@@ -235,9 +239,27 @@ def _build_sized_mlp(*, in_features: int = 4096, hidden: int = 1024, out_feature
     return _build_mlp("mlp", (in_features, hidden, out_features), **options)
 
 
+def _build_decoder(name: str, shape: DecoderShape, *, dtype: torch.dtype = torch.float32,
+                   channels_last: bool = False, postprocess: str | None = None, prompt_len: int = 16,
+                   **sizes: int) -> BuiltModel:
+    """A decoder taking int64 prompts of ``prompt_len`` tokens; ``sizes`` override ``DecoderShape`` fields.
+
+    Run as batch inference it returns the next token (argmax); a config's ``decode``
+    section runs it through ``actors.decode.Generator`` instead.
+    """
+    shape = dataclasses.replace(shape, **sizes)
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or not 1 <= prompt_len <= shape.n_positions:
+        raise ModelLoadError(f"prompt_len must be an int in 1..{shape.n_positions}, got {prompt_len!r}")
+    model = Decoder(shape).eval().to(dtype)
+    return BuiltModel(model=model, input_spec=InputSpec("int64", (prompt_len,)), preprocess=None,
+                      postprocess=build_postprocess(postprocess or "argmax", dtype), name=name)
+
+
 ZOO: dict[str, Callable[..., BuiltModel]] = {
     "resnet18": functools.partial(_build_cnn, resnet18, "resnet18"),
     "resnet50": functools.partial(_build_cnn, resnet50, "resnet50"),
     "mlp": _build_sized_mlp,
     "tiny_mlp": functools.partial(_build_mlp, "tiny_mlp", (16, 32, 8)),
+    "gpt2_small": functools.partial(_build_decoder, "gpt2_small", GPT2_SMALL),
+    "tiny_decoder": functools.partial(_build_decoder, "tiny_decoder", TINY_DECODER),
 }

@@ -1,4 +1,4 @@
-"""Orchestrator: the Python batch-inference API.
+"""Orchestrator: the Python batch-inference API (and generation, with a ``decode`` config section).
 
 Attaches to a Ray cluster (or starts a local one), starts one worker per GPU
 (CPU workers when the cluster has none), feeds them through the Dispatcher and
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from actors.decode_worker import RemoteDecodeWorker
 from actors.errors import OrchestratorError
 from actors.worker import RemoteGpuWorker
 from orchestrator.config import RunConfig
@@ -92,12 +93,17 @@ class Orchestrator:
         model = self.config.model.model_dump()
         pipeline = self.config.pipeline.model_dump()
         faults = {name: f.model_dump() for name, f in self.config.faults.items()}
+        options = dict(num_gpus=per, num_cpus=cluster.cpus_per_worker, max_restarts=cluster.max_worker_restarts,
+                       max_task_retries=0)
+        decode = self.config.decode.model_dump() if self.config.decode else None
         for i in range(count):
             name = f"worker-{i}"
-            actor = RemoteGpuWorker.options(
-                num_gpus=per, num_cpus=cluster.cpus_per_worker, max_concurrency=window,
-                max_restarts=cluster.max_worker_restarts, max_task_retries=0,
-            ).remote(name, model, pipeline, faults.get(name))
+            if decode is None:
+                actor = RemoteGpuWorker.options(max_concurrency=window, **options).remote(
+                    name, model, pipeline, faults.get(name))
+            else:  # one generation at a time: the worker's KV cache holds one batch
+                actor = RemoteDecodeWorker.options(max_concurrency=1, **options).remote(
+                    name, model, decode, self.config.pipeline.max_batch_rows, faults.get(name))
             self.workers.append(WorkerRecord(name, actor))
         pings = [w.actor.ping.remote() for w in self.workers]
         ready, not_ready = ray.wait(pings, num_returns=len(pings), timeout=cluster.worker_start_timeout_s)
@@ -157,6 +163,20 @@ class Orchestrator:
             if progress:
                 progress.close()
 
+    def generate(self, prompts: Any, *, ordered: bool | None = None,
+                 batch_rows: int | None = None) -> Iterator[Result]:
+        """Yield each batch of prompts' Result as it completes; needs a ``decode`` section in the config.
+
+        ``prompts`` is any input ``map`` takes, with int64 rows of token ids. A
+        Result's ``outputs`` are the batch's tokens, ``(rows, decode.max_new_tokens)``
+        int64, ``decode.pad_token_id`` after each row's EOS. ``run(prompts)`` gives
+        all of them in input order.
+        """
+        if self.config.decode is None:
+            raise RuntimeError("generate needs a decode section in the config (decode.max_new_tokens, ...); "
+                               "without one the workers run batch inference")
+        return self.map(prompts, ordered=ordered, batch_rows=batch_rows)
+
     def run(self, inputs: Any, *, batch_rows: int | None = None) -> Any:
         """All outputs in input order, concatenated along rows (same tree as the model's outputs)."""
         results = [r for r in self.map(inputs, ordered=True, batch_rows=batch_rows) if r.error is None]
@@ -176,7 +196,7 @@ class Orchestrator:
             "seconds": self._seconds,
             "rows_per_second": self._rows_done / self._seconds if self._seconds else None,
             "workers": per_worker,
-            "bound": [w["bound"]["line"] for w in per_worker],
+            "bound": [w["bound"]["line"] for w in per_worker if "bound" in w],  # decode workers have none
             "dispatch": dispatch,
         }
 

@@ -195,16 +195,26 @@ class MetricsConfig(_Strict):
 
 
 class DecodeConfig(_Strict):
-    """Autoregressive decode, two streams in ping-pong (DESIGN.md, "Autoregressive decode").
+    """Autoregressive decode instead of batch inference (DESIGN.md, "Autoregressive decode").
 
-    No runtime yet (actors/decode.py): nothing reads this section, and ``orchestrator
-    run`` refuses a config that has it.
+    Each worker runs ``actors.decode.Generator`` on the model (a decoder:
+    ``zoo:gpt2_small``, ``zoo:tiny_decoder`` or a factory returning
+    ``actors.decode.Decoder``); the input rows are int64 prompts and each row's
+    output is its ``max_new_tokens`` generated tokens, ``pad_token_id`` after its EOS.
     """
 
     max_new_tokens: int = Field(..., ge=1, description="tokens generated per prompt at most")
     eos_token_id: int | None = Field(None, ge=0, description="a sequence ends at this token; None: never early")
-    ping_pong: bool = Field(True, description="two streams alternate so the end-of-sequence check of step t "
-                                              "overlaps step t+1")
+    pad_token_id: int = Field(0, ge=0, description="emitted by a sequence after its EOS")
+    loop: Literal["naive", "synced", "interleaved"] = Field(
+        "interleaved", description="interleaved: two streams in ping-pong, the end-of-sequence check of step t "
+                                   "overlaps step t+1; synced: a host sync per token; naive: no KV cache")
+    max_seq_len: int | None = Field(None, ge=2, description="KV cache positions per sequence (prompt + new "
+                                                            "tokens); default: the model's prompt length + "
+                                                            "max_new_tokens")
+    temperature: float = Field(0.0, ge=0, description="0: greedy; above: seeded sampling")
+    seed: int = Field(0, ge=0, description="sampling seed; the noise is keyed by (seed, batch id, row, step)")
+    graphs: bool = Field(True, description="replay each decode step as a CUDA graph (off on the CPU backend)")
 
 
 class FaultConfig(_Strict):
@@ -229,7 +239,7 @@ class RunConfig(_Strict):
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    decode: DecodeConfig | None = Field(None, description="autoregressive decode (not implemented yet)")
+    decode: DecodeConfig | None = Field(None, description="autoregressive decode instead of batch inference")
     faults: dict[str, FaultConfig] = Field(default_factory=dict, description="keyed by worker name, e.g. worker-0")
 
     @field_validator("pipeline")
@@ -250,13 +260,6 @@ class RunConfig(_Strict):
     @property
     def inflight_per_worker(self) -> int:
         return self.dispatch.inflight_per_worker or self.pipeline.depth + 1
-
-    def not_implemented(self) -> list[str]:
-        """The parts of this config that have no runtime yet, each with what to change; empty when it can run."""
-        missing = []
-        if self.decode is not None:
-            missing.append("decode: autoregressive decode has no runtime yet (actors/decode.py)")
-        return missing
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -93,11 +93,6 @@ def test_validate_reports_yaml_syntax_errors_with_the_line(tmp_path, capsys):
     assert "line" in capsys.readouterr().err
 
 
-def test_validate_notes_what_run_would_refuse(capsys):
-    assert cli.main(["validate", str(REPO / "configs" / "decode.yaml")]) == cli.EXIT_OK
-    assert "note: decode: autoregressive decode has no runtime yet" in capsys.readouterr().out
-
-
 # -- run: exit 2 before any Ray start ---------------------------------------------------------------
 
 def test_run_with_a_bad_override_exits_2_naming_it(capsys):
@@ -109,11 +104,6 @@ def test_run_with_a_bad_override_exits_2_naming_it(capsys):
 def test_run_with_a_missing_config_exits_2(capsys):
     assert cli.main(["run", "--config", "no/such/config.yaml"]) == cli.EXIT_BAD_INPUT
     assert "no/such/config.yaml" in capsys.readouterr().err
-
-
-def test_run_refuses_a_section_without_a_runtime(capsys):
-    assert cli.main(["run", "--config", str(REPO / "configs" / "decode.yaml")]) == cli.EXIT_BAD_INPUT
-    assert "decode: autoregressive decode has no runtime yet" in capsys.readouterr().err
 
 
 def test_run_with_a_missing_input_file_exits_2(tmp_path):
