@@ -23,6 +23,7 @@ from actors.errors import OrchestratorError
 from actors.worker import RemoteGpuWorker
 from orchestrator.config import RunConfig
 from orchestrator.dispatch import Dispatcher, Result, WorkerRecord, in_order
+from orchestrator.metrics import DriverMetrics, metrics_endpoints, worker_labels
 from orchestrator.sources import batches
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class Orchestrator:
         if not ray.is_initialized():
             if cluster.address is None:
                 ray.init(include_dashboard=False, dashboard_host=cluster.dashboard_host,
-                         log_to_driver=True, configure_logging=False)
+                         log_to_driver=True, configure_logging=False,
+                         _metrics_export_port=self.config.metrics.export_port)
             else:
                 ray.init(address=cluster.address, log_to_driver=True, configure_logging=False)
             self._started_ray = True
@@ -92,12 +94,14 @@ class Orchestrator:
         model = self.config.model.model_dump()
         pipeline = self.config.pipeline.model_dump()
         faults = {name: f.model_dump() for name, f in self.config.faults.items()}
+        metrics = self.config.metrics
+        sample_s = metrics.sample_s if metrics.export else None
         for i in range(count):
             name = f"worker-{i}"
             actor = RemoteGpuWorker.options(
                 num_gpus=per, num_cpus=cluster.cpus_per_worker, max_concurrency=window,
                 max_restarts=cluster.max_worker_restarts, max_task_retries=0,
-            ).remote(name, model, pipeline, faults.get(name))
+            ).remote(name, model, pipeline, faults.get(name), sample_s)
             self.workers.append(WorkerRecord(name, actor))
         pings = [w.actor.ping.remote() for w in self.workers]
         ready, not_ready = ray.wait(pings, num_returns=len(pings), timeout=cluster.worker_start_timeout_s)
@@ -114,6 +118,9 @@ class Orchestrator:
             cause = str(err).strip().splitlines()[-1]
             raise WorkerStartError(f"a worker failed to build its model {self.config.model.source!r}: {cause}") from err
         log.info("started %d workers: %s", count, [(i["name"], i["device"], i["gpu_ids"]) for i in self.worker_info])
+        self.driver_metrics = DriverMetrics({i["name"]: worker_labels(i) for i in self.worker_info},
+                                            depth=self.config.pipeline.depth, sample_s=metrics.sample_s,
+                                            export=metrics.export)
 
     def close(self) -> None:
         """Kill the workers this orchestrator started and, if it started Ray, shut Ray down. Idempotent."""
@@ -144,7 +151,7 @@ class Orchestrator:
             max_retries=cfg.errors.max_retries, batch_timeout_s=cfg.dispatch.batch_timeout_s,
             probe_timeout_s=cfg.cluster.worker_start_timeout_s,
             max_ahead=cfg.dispatch.reorder_window if ordered else None,
-            on_result=(lambda r: progress.update(r.rows)) if progress else None)
+            on_result=(lambda r: progress.update(r.rows)) if progress else None, events=self.driver_metrics)
         self._dispatchers.append(dispatcher)
         stream = dispatcher.run(batches(inputs, rows))
         started = time.perf_counter()
@@ -178,6 +185,8 @@ class Orchestrator:
             "workers": per_worker,
             "bound": [w["bound"]["line"] for w in per_worker],
             "dispatch": dispatch,
+            "dispatch_per_worker": self.driver_metrics.as_dict(),
+            "metrics_endpoints": metrics_endpoints() if self.config.metrics.export else [],
         }
 
     def timeline(self) -> list[dict[str, Any]]:
