@@ -174,6 +174,8 @@ class OutputConfig(_Strict):
     path: str | None = Field(None, description="outputs in input order with their batch ids: .npy (plus "
                                                ".batch_ids.npy) or .parquet; None: not written")
     report: str | None = Field(None, description="the JSON run report")
+    timeline: str | None = Field(None, description="a Chrome-trace/Perfetto JSON of the timed batches, one track "
+                                                   "per stream per worker; setting it turns on pipeline.timeline")
 
     @field_validator("path")
     @classmethod

@@ -226,8 +226,9 @@ class DriverMetrics(DispatchEvents):
             _metric("batches_inflight").set(w.inflight, tags)
             _metric("batches_queued").set(max(0, w.inflight - self.depth), tags)
 
-    def as_dict(self) -> dict[str, dict[str, int]]:
-        return {name: dataclasses.asdict(t) for name, t in self.tallies.items()}
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """Per worker: its labels and counts."""
+        return {name: {**self.labels[name], **dataclasses.asdict(t)} for name, t in self.tallies.items()}
 
 
 # -- a worker --------------------------------------------------------------------------------------
