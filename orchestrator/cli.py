@@ -34,6 +34,8 @@ BENCHMARKS = {
     "pipeline": ("orchestrator.bench.pipeline_bench", "one GPU from pageable numpy: GPU-only vs a serial loop "
                                                       "vs the pipeline"),
     "graphs": ("orchestrator.bench.graphs_bench", "CUDA graphs vs eager in the pipeline, per batch size"),
+    "metrics": ("orchestrator.bench.metrics_bench", "a job with Prometheus metrics on vs off, and what one "
+                                                    "recording costs (--quick runs without a GPU)"),
     "scaling": ("orchestrator.bench.scaling_bench", "1..N GPUs: this project vs hand-written Ray actors vs Ray "
                                                     "Data (--smoke runs without a GPU)"),
 }
