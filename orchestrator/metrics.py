@@ -103,8 +103,8 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
           "(fallbacks)", "worker", gpu_only=True),
     _spec("graphs_captured", "gauge", "CUDA graphs captured and in use", "worker", gpu_only=True),
     # -- each worker: NVML ---------------------------------------------------------------------------
-    _spec("gpu_telemetry_available", "gauge", "1 when NVML reads this worker's GPU, 0 when it cannot (the GPU "
-          "metrics below are then absent)", "worker"),
+    _spec("gpu_telemetry_available", "gauge", "1 when NVML reads this worker's GPU, 0 when it cannot (no gpu_* "
+          "readings are then exported)", "worker"),
     _spec("gpu_utilization_ratio", "gauge", "Fraction of NVML's last sample period in which a kernel ran",
           "worker", gpu_only=True),
     _spec("gpu_memory_used_bytes", "gauge", "GPU memory in use (all processes)", "worker", gpu_only=True),
