@@ -125,14 +125,17 @@ def _scrape_until(url: str, check) -> tuple[dict, list[str]]:
 def _run_and_check(port: int, config, gpu: bool) -> None:
     """Batch 3 raises on every worker (skipped); worker-0 is killed mid-run and Ray restarts it.
 
-    The scrape happens inside the Orchestrator: the workers' samplers must outlive the job.
+    64 batches of 64 rows run eager with graphs on (above the largest bucket, 32); the last,
+    of 20 rows, replays a graph. The scrape happens inside the Orchestrator: the workers'
+    samplers must outlive the job.
     """
     with Orchestrator(config) as orch:
-        done = 0
-        for result in orch.map(rows(64 * 64, seed=3)):
-            done += result.error is None
-            if done == 8 and result.error is None:
-                ray.kill(orch.workers[0].actor, no_restart=False)
+        done = rows_done = 0
+        for result in orch.map(rows(64 * 64 + 20, seed=3)):
+            if result.error is None:
+                done, rows_done = done + 1, rows_done + result.rows
+                if done == 8:
+                    ray.kill(orch.workers[0].actor, no_restart=False)
         report = orch.report()
         d = report["dispatch"]
         assert (d["failed"], d["worker_deaths"]) == (1, 1) and d["retried"] >= 1, d
@@ -140,7 +143,7 @@ def _run_and_check(port: int, config, gpu: bool) -> None:
         names = {n for s in METRICS.values() if gpu or not s.gpu_only for n in s.exported_names}
         wanted = {n for expr in _panel_queries() for n in _names_in(expr)} & names
         expected = {
-            "rows_completed_total": 64 * done, "batches_completed_total": done, "batch_latency_seconds_count": done,
+            "rows_completed_total": rows_done, "batches_completed_total": done, "batch_latency_seconds_count": done,
             "batch_errors_total": 1, "batches_failed_total": 1, "worker_deaths_total": 1,
             "batch_retries_total": d["retried"],
         }
@@ -172,7 +175,7 @@ def _config(gpu: bool):
     faults = {"raise_on_batches": [3]}
     return run_config(64, errors={"on_error": "skip", "max_retries": 2}, metrics={"sample_s": 0.5},
                       cluster={"num_workers": 2, "gpus_per_worker": 0.5, "worker_start_timeout_s": 90},
-                      pipeline={"graphs": {"enabled": gpu}, "timing_every": 4},
+                      pipeline={"graphs": {"enabled": gpu, "buckets": [1, 2, 4, 8, 16, 32]}, "timing_every": 4},
                       faults={"worker-0": {**faults, "delay_s": 0.02}, "worker-1": faults})
 
 
