@@ -74,7 +74,7 @@ def test_every_dashboard_query_names_catalogued_metrics_and_labels_and_covers_th
 
 def test_the_dashboards_readme_documents_every_metric_with_its_kind_and_extra_labels():
     text = (DASHBOARD.parent / "README.md").read_text()
-    rows = re.findall(r"^\| `(ray_\w+)` \| (\w+) \| (\w+) \| ([\w, ]*) \|", text, flags=re.M)
+    rows = re.findall(r"^\| `(ray_\w+)` \| (\w+) \| (\w+) \| ([\w, ]*) \|", text, flags=re.MULTILINE)
     assert {r[0]: (r[1], r[2], tuple(x for x in r[3].replace(" ", "").split(",") if x)) for r in rows} == {
         EXPORT_PREFIX + s.name: (s.kind, s.recorder, s.extra_labels) for s in METRICS.values()}
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -51,7 +52,7 @@ def test_chrome_trace_has_one_named_track_per_stream_per_worker_in_pipeline_orde
     assert len(per_batch) == 10
     for stages in per_batch.values():
         # The CPU backend runs the streams in program order: each stage starts after the one before ends.
-        for before, after in zip(STAGES[1:], STAGES[2:]):
+        for before, after in itertools.pairwise(STAGES[1:]):
             assert stages[after]["ts"] >= stages[before]["ts"] + stages[before]["dur"] - 1.0  # 1 us of rounding
 
 
