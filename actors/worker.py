@@ -25,6 +25,7 @@ from actors.errors import BatchError, ModelError, PipelineBrokenError
 from actors.models import load_model
 from actors.pipeline import BatchResult, Pipeline, PipelineConfig
 from actors.streams import StreamManager
+from actors.telemetry import GpuTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class GpuWorker:
     """Builds one model on this process's device and runs batches through the pipeline."""
 
     def __init__(self, name: str, model: dict[str, Any], pipeline: dict[str, Any],
-                 faults: dict[str, Any] | None = None) -> None:
+                 faults: dict[str, Any] | None = None, metrics_sample_s: float | None = None) -> None:
+        """``metrics_sample_s``: record Prometheus metrics this often (``orchestrator.metrics``); None: never."""
         self.name = name
         self.faults = _Faults(**(faults or {}))
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
@@ -94,6 +96,22 @@ class GpuWorker:
         except BaseException:
             self.streams.close()
             raise
+        self.telemetry = GpuTelemetry(device)
+        self.metrics = None
+        if metrics_sample_s:
+            try:
+                self.metrics = self._start_metrics(metrics_sample_s)
+            except BaseException:
+                self.close()
+                raise
+
+    def _start_metrics(self, sample_s: float) -> Any:
+        # Imported here: the orchestrator package imports this module.
+        from orchestrator.metrics import WorkerMetrics, worker_labels
+
+        # Copy ceilings are measured now, before any batch, not by the sampler in the middle of the run.
+        return WorkerMetrics(worker_labels(self.ping()), self.pipeline, self.telemetry,
+                             copy_ceilings(self.streams.device), sample_s)
 
     def infer(self, batch_id: int, source: Any, start: int = 0, stop: int | None = None) -> BatchResult:
         """Run one batch; returns when its outputs are back in host memory."""
@@ -122,7 +140,7 @@ class GpuWorker:
         stats = self.pipeline.stats
         out = {"name": self.name, "device": str(self.streams.device), **stats.as_dict(),
                "bound": analyse(stats, copy_ceilings(self.streams.device)).as_dict(),
-               "graphs": self.pipeline.graphs.stats.as_dict(),
+               "graphs": self.pipeline.graphs.stats.as_dict(), "telemetry": self.telemetry.read().as_dict(),
                "pinned_in_place": self.pipeline.pinner.as_dict() if self.pipeline.pinner else None}
         if self.streams.is_cuda:
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.streams.device)
@@ -134,6 +152,8 @@ class GpuWorker:
         return self.pipeline.timeline.chrome_trace(self.name) if self.pipeline.timeline else []
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         self.pipeline.close()
         self.streams.close()
 

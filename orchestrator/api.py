@@ -24,6 +24,7 @@ from actors.errors import OrchestratorError
 from actors.worker import RemoteGpuWorker
 from orchestrator.config import RunConfig
 from orchestrator.dispatch import Dispatcher, Result, WorkerRecord, in_order
+from orchestrator.metrics import DriverMetrics, metrics_endpoints, worker_labels
 from orchestrator.sources import batches
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class Orchestrator:
         if not ray.is_initialized():
             if cluster.address is None:
                 ray.init(include_dashboard=False, dashboard_host=cluster.dashboard_host,
-                         log_to_driver=True, configure_logging=False)
+                         log_to_driver=True, configure_logging=False,
+                         _metrics_export_port=self.config.metrics.export_port)
             else:
                 ray.init(address=cluster.address, log_to_driver=True, configure_logging=False)
             self._started_ray = True
@@ -93,6 +95,8 @@ class Orchestrator:
         model = self.config.model.model_dump()
         pipeline = self.config.pipeline.model_dump()
         faults = {name: f.model_dump() for name, f in self.config.faults.items()}
+        metrics = self.config.metrics
+        sample_s = metrics.sample_s if metrics.export else None
         options = dict(num_gpus=per, num_cpus=cluster.cpus_per_worker, max_restarts=cluster.max_worker_restarts,
                        max_task_retries=0)
         decode = self.config.decode.model_dump() if self.config.decode else None
@@ -100,7 +104,7 @@ class Orchestrator:
             name = f"worker-{i}"
             if decode is None:
                 actor = RemoteGpuWorker.options(max_concurrency=window, **options).remote(
-                    name, model, pipeline, faults.get(name))
+                    name, model, pipeline, faults.get(name), sample_s)
             else:  # one generation at a time: the worker's KV cache holds one batch
                 actor = RemoteDecodeWorker.options(max_concurrency=1, **options).remote(
                     name, model, decode, self.config.pipeline.max_batch_rows, faults.get(name))
@@ -120,6 +124,9 @@ class Orchestrator:
             cause = str(err).strip().splitlines()[-1]
             raise WorkerStartError(f"a worker failed to build its model {self.config.model.source!r}: {cause}") from err
         log.info("started %d workers: %s", count, [(i["name"], i["device"], i["gpu_ids"]) for i in self.worker_info])
+        self.driver_metrics = DriverMetrics({i["name"]: worker_labels(i) for i in self.worker_info},
+                                            depth=self.config.pipeline.depth, sample_s=metrics.sample_s,
+                                            export=metrics.export)
 
     def close(self) -> None:
         """Kill the workers this orchestrator started and, if it started Ray, shut Ray down. Idempotent."""
@@ -150,7 +157,7 @@ class Orchestrator:
             max_retries=cfg.errors.max_retries, batch_timeout_s=cfg.dispatch.batch_timeout_s,
             probe_timeout_s=cfg.cluster.worker_start_timeout_s,
             max_ahead=cfg.dispatch.reorder_window if ordered else None,
-            on_result=(lambda r: progress.update(r.rows)) if progress else None)
+            on_result=(lambda r: progress.update(r.rows)) if progress else None, events=self.driver_metrics)
         self._dispatchers.append(dispatcher)
         stream = dispatcher.run(batches(inputs, rows))
         started = time.perf_counter()
@@ -198,6 +205,8 @@ class Orchestrator:
             "workers": per_worker,
             "bound": [w["bound"]["line"] for w in per_worker if "bound" in w],  # decode workers have none
             "dispatch": dispatch,
+            "dispatch_per_worker": self.driver_metrics.as_dict(),
+            "metrics_endpoints": metrics_endpoints() if self.config.metrics.export else [],
         }
 
     def timeline(self) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from actors.errors import InputError
 from orchestrator.config import InputConfig, RunConfig, describe_errors
+from orchestrator.report import chrome_trace, render, summarize
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130
@@ -33,6 +34,8 @@ BENCHMARKS = {
     "pipeline": ("orchestrator.bench.pipeline_bench", "one GPU from pageable numpy: GPU-only vs a serial loop "
                                                       "vs the pipeline"),
     "graphs": ("orchestrator.bench.graphs_bench", "CUDA graphs vs eager in the pipeline, per batch size"),
+    "metrics": ("orchestrator.bench.metrics_bench", "a job with Prometheus metrics on vs off, and what one "
+                                                    "recording costs (--quick runs without a GPU)"),
     "scaling": ("orchestrator.bench.scaling_bench", "1..N GPUs: this project vs hand-written Ray actors vs Ray "
                                                     "Data (--smoke runs without a GPU)"),
     "decode": ("orchestrator.bench.decode_bench", "decode tokens/s: naive vs synced vs interleaved loops "
@@ -266,6 +269,8 @@ def _run(config: RunConfig) -> int:
         if not tty:
             progress_log = _ProgressLog(inp.rows, config.metrics.log_every_s, sys.stderr)
         config = config.model_copy(update={"dispatch": config.dispatch.model_copy(update={"progress": tty})})
+    if config.output.timeline and not config.pipeline.timeline:
+        config = config.model_copy(update={"pipeline": config.pipeline.model_copy(update={"timeline": True})})
 
     started = time.perf_counter()
     outcome = _Outcome()
@@ -287,6 +292,8 @@ def _run(config: RunConfig) -> int:
                 if progress_log:
                     progress_log.emit()
             report = _safe_report(orch)
+            if config.output.timeline:
+                report["timeline"] = _write_timeline(orch, config.output.timeline)
     except Exception as err:  # Ray or the workers did not start
         outcome.status, outcome.error = "failed", f"{type(err).__name__}: {err}"
     report.update(status=outcome.status, error=outcome.error, failed_batches=outcome.failed,
@@ -298,6 +305,7 @@ def _run(config: RunConfig) -> int:
             outcome.status, outcome.error = "failed", f"writing {config.output.path}: {err}"
             report.update(status=outcome.status, error=outcome.error)
     report["exit_code"] = outcome.exit_code
+    report["summary"] = summarize(report)
     if outcome.error:
         print(f"{outcome.status}: {outcome.error}", file=sys.stderr, flush=True)
     if config.output.report:
@@ -339,18 +347,33 @@ def _safe_report(orch: Any) -> dict[str, Any]:
         return {"report_error": f"{type(err).__name__}: {err}"}
 
 
+def _write_timeline(orch: Any, path: str) -> str | None:
+    """Write the workers' timeline as a Chrome trace; the path, or None (and why, on stderr) if it failed."""
+    try:
+        trace = chrome_trace(orch.timeline())
+        _atomic_write(path, lambda f: f.write(json.dumps(trace).encode() + b"\n"))
+    except Exception as err:  # a lost worker or an unwritable path: the run's result stands
+        print(f"could not write the timeline {path}: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+    return path
+
+
 def _summary(config: RunConfig, report: dict[str, Any], outcome: _Outcome) -> None:
-    """At most about 20 lines, whatever the number of workers and failures; the JSON report has the rest."""
+    """At most about 20 lines, whatever the number of workers and failures; the JSON report has the rest.
+
+    The per-worker part is the run report's table (``orchestrator.report.render``).
+    """
     rate = report.get("rows_per_second")
-    lines = [f"\n{outcome.status.upper()}: {config.model.source}, {report.get('rows', 0):,} rows in "
-             f"{report['wall_seconds']:.1f} s"
-             + (f" ({report['seconds']:.2f} s of inference, {rate:,.0f} rows/s)" if rate else "")]
-    workers = report.get("workers", [])
-    for w in workers[:_SUMMARY_WORKERS]:
-        detail = w["bound"]["line"] if "bound" in w else w["decode"]["line"]
-        lines.append(f"  {w['name']} ({w['device']}): {w['rows']:,} rows; {detail}")
-    if len(workers) > _SUMMARY_WORKERS:
-        lines.append(f"  ... and {len(workers) - _SUMMARY_WORKERS} more workers")
+    print(f"\n{outcome.status.upper()}: {config.model.source}, {report.get('rows', 0):,} rows in "
+          f"{report['wall_seconds']:.1f} s"
+          + (f" ({report['seconds']:.2f} s of inference, {rate:,.0f} rows/s)" if rate else ""), flush=True)
+    if report["summary"]["workers"]:
+        render(report["summary"], sys.stdout, max_workers=_SUMMARY_WORKERS)
+    decoders = [w for w in report.get("workers", []) if "decode" in w]
+    lines = [f"  {w['name']} ({w['device']}): {w['rows']:,} rows; {w['decode']['line']}"
+             for w in decoders[:_SUMMARY_WORKERS]]
+    if len(decoders) > _SUMMARY_WORKERS:
+        lines.append(f"  ... and {len(decoders) - _SUMMARY_WORKERS} more workers")
     d = report.get("dispatch") or {}
     if d:
         lines.append(f"  batches: {d.get('completed', 0)} completed, {d.get('failed', 0)} failed, "
@@ -366,6 +389,8 @@ def _summary(config: RunConfig, report: dict[str, Any], outcome: _Outcome) -> No
         lines.append(f"  outputs: {config.output.path} ({written})")
     if config.output.report:
         lines.append(f"  report: {config.output.report}")
+    if report.get("timeline"):
+        lines.append(f"  timeline: {report['timeline']} (Chrome trace: open in https://ui.perfetto.dev)")
     lines.append(f"  exit code {outcome.exit_code}")
     print("\n".join(lines), flush=True)
 

@@ -177,6 +177,8 @@ class OutputConfig(_Strict):
     path: str | None = Field(None, description="outputs in input order with their batch ids: .npy (plus "
                                                ".batch_ids.npy) or .parquet; None: not written")
     report: str | None = Field(None, description="the JSON run report")
+    timeline: str | None = Field(None, description="a Chrome-trace/Perfetto JSON of the timed batches, one track "
+                                                   "per stream per worker; setting it turns on pipeline.timeline")
 
     @field_validator("path")
     @classmethod
@@ -187,11 +189,19 @@ class OutputConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    """What a run tells while it runs. (Prometheus export is not implemented yet.)"""
+    """What a run tells while it runs: progress lines and Prometheus metrics (orchestrator.metrics)."""
 
     log_every_s: float = Field(10.0, ge=0, description="the CLI prints a progress line (rows, rows/s, failures) "
                                                        "this often when stderr is not a terminal, e.g. in a Ray "
                                                        "job's log; 0: only the last one")
+    export: bool = Field(True, description="record Prometheus metrics through Ray (ray.util.metrics), served on "
+                                           "each node's Ray metrics endpoint")
+    sample_s: float = Field(5.0, gt=0, description="workers sample their pipeline stats and NVML, and the driver "
+                                                   "its in-flight gauges, this often")
+    export_port: int | None = Field(None, ge=1, le=65535, description="the metrics port of a Ray the Orchestrator "
+                                                                      "starts itself (None: Ray picks one); "
+                                                                      "for a cluster: ray start "
+                                                                      "--metrics-export-port")
 
 
 class DecodeConfig(_Strict):

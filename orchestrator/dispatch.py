@@ -85,6 +85,31 @@ class DispatchStats:
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
+class DispatchEvents:
+    """What the dispatch loop tells an observer (``orchestrator.metrics.DriverMetrics``); no-ops here.
+
+    Hooks run on the loop's thread, once per event: they must be cheap and never block.
+    """
+
+    def completed(self, worker: str, rows: int, latency_s: float) -> None:
+        """A batch's result reached the driver, ``latency_s`` after it was sent."""
+
+    def error(self, worker: str, error: BatchError) -> None:
+        """A run of a batch raised (whether or not it is retried)."""
+
+    def retried(self, worker: str) -> None:
+        """A batch that failed or lost ``worker`` goes back into the queue."""
+
+    def gave_up(self, worker: str) -> None:
+        """A batch ended as an error."""
+
+    def worker_died(self, worker: str) -> None:
+        """``worker``'s process died (Ray may restart it)."""
+
+    def tick(self, workers: list[WorkerRecord]) -> None:
+        """Called on every pass of the loop (at least once a second), to sample gauges at its own rate."""
+
+
 class _Ledger:
     """Which batch ids have ended; memory bounded by how far completion runs out of order."""
 
@@ -108,7 +133,7 @@ class Dispatcher:
 
     def __init__(self, workers: list[WorkerRecord], *, window: int, on_error: str = "raise", max_retries: int = 2,
                  batch_timeout_s: float = 600.0, probe_timeout_s: float = 120.0, max_ahead: int | None = None,
-                 on_result: Callable[[Result], None] | None = None) -> None:
+                 on_result: Callable[[Result], None] | None = None, events: DispatchEvents | None = None) -> None:
         if not workers:
             raise ValueError("Dispatcher needs at least one worker")
         self.workers = workers
@@ -120,6 +145,7 @@ class Dispatcher:
         self.max_ahead = max_ahead
         self.on_result = on_result
         self.stats = DispatchStats()
+        self.events = events or DispatchEvents()
         self._pending: dict[Any, _Call] = {}
         self._retry: collections.deque[Batch] = collections.deque()
         self._attempts: collections.Counter[int] = collections.Counter()
@@ -150,6 +176,7 @@ class Dispatcher:
                 else:
                     yield from self._collect(ref)
             self._check_deadlines()
+            self.events.tick(self.workers)
 
     def _live(self) -> list[WorkerRecord]:
         return [w for w in self.workers if w.alive and w.probe is None]
@@ -208,6 +235,7 @@ class Dispatcher:
             self.stats.duplicates_dropped += 1
             return
         self.stats.completed += 1
+        self.events.completed(call.worker.name, out.rows, time.monotonic() - call.started)
         result = Result(batch_id, out.rows, out.outputs, call.worker.name, out.stage_ms)
         if self.on_result:
             self.on_result(result)
@@ -215,12 +243,14 @@ class Dispatcher:
 
     def _failed(self, call: _Call, error: BatchError) -> Iterator[Result]:
         batch_id = call.batch.batch_id
+        self.events.error(call.worker.name, error)
         retryable = self.on_error == "retry" and not isinstance(error, InputError)
         if retryable and self._attempts[batch_id] < self.max_retries:
             self._attempts[batch_id] += 1
             self._avoid[batch_id] = call.worker
             self._retry.append(call.batch)
             self.stats.retried += 1
+            self.events.retried(call.worker.name)
             log.warning("%s; retrying elsewhere (attempt %d of %d)", error, self._attempts[batch_id], self.max_retries)
             return
         yield from self._end_with_error(call, error)
@@ -233,6 +263,7 @@ class Dispatcher:
             return
         self.stats.failed += 1
         self.stats.errors.append(str(error))
+        self.events.gave_up(call.worker.name)
         if self.on_error == "skip":
             log.warning("%s; skipped", error)
             result = Result(batch_id, call.batch.rows or 0, None, call.worker.name, error=error)
@@ -251,6 +282,7 @@ class Dispatcher:
         if worker.alive and worker.probe is None:
             worker.deaths += 1
             self.stats.worker_deaths += 1
+            self.events.worker_died(worker.name)
             log.warning("worker %s died (%s); re-dispatching its batches", worker.name, _first_line(err))
             worker.probe, worker.probe_since = worker.actor.ping.remote(), time.monotonic()
         self._attempts[batch.batch_id] += 1
@@ -263,6 +295,7 @@ class Dispatcher:
         self._avoid[batch.batch_id] = worker
         self._retry.append(batch)
         self.stats.retried += 1
+        self.events.retried(worker.name)
 
     def _probe_done(self, worker: WorkerRecord) -> None:
         ref, worker.probe = worker.probe, None

@@ -10,7 +10,7 @@ is graphs over eager. Parity: the first batch's outputs, graphs vs eager.
 Floors: ResNet-18 graphs >= 2x eager at batch <= 8; graphs never below 0.97x
 eager at any size.
 
-    python -m orchestrator.bench.graphs_bench --out docs/results/graphs.json
+    python -m orchestrator.bench.graphs_bench --out docs/results/graphs.json   # and graphs.png
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from actors.pipeline import Pipeline, PipelineConfig
 from actors.streams import StreamManager
 from actors.zoo import ZOO
 from orchestrator.bench.common import median_seconds, print_table, write_result
+from orchestrator.bench.plot import plot_after_bench
 
 SIZES = (1, 2, 4, 8, 16, 32, 64, 256)
 FLOORS = {"resnet18 graphs vs eager at batch <= 8": 2.0, "graphs vs eager at any batch size": 0.97}
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{'PASS' if ok else 'FAIL'}  {floor} (floor {FLOORS[floor]})")
     write_result(args.out, "graphs", "python -m orchestrator.bench.graphs_bench " + " ".join(argv or []), rows,
                  floors=FLOORS, passed=passed, graph_stats=graph_stats)
+    plot_after_bench(args.out)
     return rows
 
 

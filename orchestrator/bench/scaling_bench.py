@@ -14,7 +14,7 @@ Inputs are already in the object store (one ObjectRef per batch, a pool cycled
 - orchestrator: ``Orchestrator.map`` over the refs.
 
     python -m orchestrator.bench.scaling_bench --gpus 1,2 --out docs/results/scaling.json
-    python -m orchestrator.bench.plot docs/results/scaling.json   # the PNG, where matplotlib is
+    (writes docs/results/scaling.png next to it)
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import ray.data
 import torch
 
 from orchestrator.bench.common import print_table, write_result
+from orchestrator.bench.plot import plot_after_bench
 
 # name: (model source, dtype, channels_last, batch rows, batches in the pool, passes over the pool)
 WORKLOADS = {
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                     "zero_copy_batch=True",
                  floors={"1 gpu vs gpu_only (resnets)": 0.95, "2 gpus vs 1 gpu": 1.9,
                          "vs handwritten": {"resnet50": 1.3, "resnet18": 1.5, "mlp": 3.0}})
+    plot_after_bench(args.out)
     return rows
 
 
