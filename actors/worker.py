@@ -1,8 +1,9 @@
-"""The Ray actor of one GPU: a thin shell around a StreamManager and a Pipeline.
+"""The Ray actor of one GPU: a thin shell around a StreamManager and its named models (``Engines``).
 
 The actor is threaded: up to ``inflight`` ``infer`` calls run at once, each
-submitting its batch to the pipeline and returning when that batch's D2H has
-completed, so Ray hands results back in completion order. ``ping`` and
+submitting its batch to its model's engine and returning when that batch's D2H
+has completed, so Ray hands results back in completion order. Calls for
+different models share no lock (``actors.engines``). ``ping`` and
 ``stats`` live in their own concurrency group so that a health check never
 queues behind a batch. Constructor arguments are plain values (ray#53727).
 """
@@ -20,10 +21,9 @@ import numpy as np
 import ray
 import torch
 
-from actors.bounds import analyse, copy_ceilings
-from actors.errors import BatchError, ModelError, PipelineBrokenError
-from actors.models import load_model
-from actors.pipeline import BatchResult, Pipeline, PipelineConfig
+from actors.engines import EngineSpec, Engines, streams_needed
+from actors.errors import BatchError, InputError, ModelError, PipelineBrokenError, UnknownModelError
+from actors.pipeline import BatchResult, PipelineConfig
 from actors.streams import StreamManager
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,12 @@ def resolve_rows(source: Any, start: int, stop: int | None) -> np.ndarray | torc
 
 
 class GpuWorker:
-    """Builds one model on this process's device and runs batches through the pipeline."""
+    """Builds its models on this process's device and runs each batch through its model's engine.
 
-    def __init__(self, name: str, model: dict[str, Any], pipeline: dict[str, Any],
+    ``models`` holds one ``EngineSpec`` as a dict per model (``RunConfig.engine_specs``); the first is the default.
+    """
+
+    def __init__(self, name: str, models: list[dict[str, Any]], pipeline: dict[str, Any],
                  faults: dict[str, Any] | None = None) -> None:
         self.name = name
         self.faults = _Faults(**(faults or {}))
@@ -85,21 +88,24 @@ class GpuWorker:
             device = torch.device("cpu")
             log.warning("worker %s: no CUDA device visible; running on the CPU backend", name)
         self.gpu_ids = [str(g) for g in gpu_ids]
-        self.streams = StreamManager(device=device)
+        specs = [EngineSpec(**m) for m in models]
+        self.streams = StreamManager(max_streams=streams_needed([s.replicas for s in specs]), device=device)
         try:
-            model = dict(model)
-            torch.manual_seed(model.pop("seed", 0))
-            built = load_model(model.pop("source"), **model)
-            self.pipeline = Pipeline(built, self.streams, PipelineConfig(**pipeline))
+            self.engines = Engines(specs, self.streams, PipelineConfig(**pipeline))
         except BaseException:
             self.streams.close()
             raise
 
-    def infer(self, batch_id: int, source: Any, start: int = 0, stop: int | None = None) -> BatchResult:
-        """Run one batch; returns when its outputs are back in host memory."""
+    def infer(self, batch_id: int, source: Any, start: int = 0, stop: int | None = None,
+              model: str | None = None) -> BatchResult:
+        """Run one batch on ``model`` (None: the default); returns when its outputs are back in host memory."""
         try:
             self.faults.before(batch_id)
-            future = self.pipeline.submit(batch_id, resolve_rows(source, start, stop))
+            try:
+                engine = self.engines.get(model)
+            except UnknownModelError as err:
+                raise InputError(batch_id, str(err)) from err
+            future = engine.submit(batch_id, resolve_rows(source, start, stop))
             return future.result()
         except PipelineBrokenError:
             # The CUDA context is poisoned; only a fresh process recovers. Ray restarts
@@ -111,18 +117,19 @@ class GpuWorker:
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def ping(self) -> dict[str, Any]:
+        """Identity and health; ``models`` maps each model's name to its input row; the top-level
+        ``model``/``input_*`` keys describe the default model."""
+        models = {e.name: e.info() for e in self.engines}
         return {"name": self.name, "node": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.streams.device), "gpu_ids": self.gpu_ids, "broken": self.pipeline.broken,
-                "model": self.pipeline.name, "input_dtype": self.pipeline.spec.dtype,
-                "input_shape": list(self.pipeline.spec.row_shape)}
+                "device": str(self.streams.device), "gpu_ids": self.gpu_ids, "broken": self.engines.broken,
+                **{k: models[self.engines.default][k] for k in ("model", "input_dtype", "input_shape")},
+                "models": models}
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def stats(self) -> dict[str, Any]:
-        """Counters, per-stage times, the bound analysis and device memory of this worker."""
-        stats = self.pipeline.stats
-        out = {"name": self.name, "device": str(self.streams.device), **stats.as_dict(),
-               "bound": analyse(stats, copy_ceilings(self.streams.device)).as_dict(),
-               "graphs": self.pipeline.graphs.stats.as_dict()}
+        """Counters, per-stage times, the bound analysis and device memory of this worker, all models
+        together; ``models`` has the same per model."""
+        out = {"name": self.name, "device": str(self.streams.device), **self.engines.report()}
         if self.streams.is_cuda:
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.streams.device)
             out["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.streams.device)
@@ -130,10 +137,10 @@ class GpuWorker:
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def timeline(self) -> list[dict[str, Any]]:
-        return self.pipeline.timeline.chrome_trace(self.name) if self.pipeline.timeline else []
+        return [e for engine in self.engines for e in engine.timeline(self.name)]
 
     def close(self) -> None:
-        self.pipeline.close()
+        self.engines.close()
         self.streams.close()
 
 

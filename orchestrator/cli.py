@@ -276,8 +276,8 @@ def _run(config: RunConfig) -> int:
     parts: tuple[np.ndarray, list[Any]] = (np.empty(0, np.int64), [])
     try:
         with Orchestrator(config) as orch:
-            info = orch.worker_info[0]
-            print(f"running {config.model.source} on {len(orch.workers)} workers: {inp.describe()}, "
+            info = orch.worker_info[0]["models"][config.input_model]
+            print(f"running {info['model']} on {len(orch.workers)} workers: {inp.describe()}, "
                   f"{config.dispatch.batch_rows:,} rows per batch", file=sys.stderr, flush=True)
             try:
                 inp.check_fits(info)
@@ -319,7 +319,7 @@ def _collect(orch: Any, source: Any, config: RunConfig, outcome: _Outcome,
     done: list[tuple[int, int, Any]] = []
     if progress_log:
         progress_log.start()
-    for result in orch.map(source, ordered=config.dispatch.ordered):
+    for result in orch.map(source, ordered=config.dispatch.ordered, model=config.input_model):
         if progress_log:
             progress_log.update(result.rows, result.error is not None)
         if result.error is not None:
@@ -345,7 +345,8 @@ def _safe_report(orch: Any) -> dict[str, Any]:
 def _summary(config: RunConfig, report: dict[str, Any], outcome: _Outcome) -> None:
     """At most about 20 lines, whatever the number of workers and failures; the JSON report has the rest."""
     rate = report.get("rows_per_second")
-    lines = [f"\n{outcome.status.upper()}: {config.model.source}, {report.get('rows', 0):,} rows in "
+    source = {s["name"]: s["model"]["source"] for s in config.engine_specs()}[config.input_model]
+    lines = [f"\n{outcome.status.upper()}: {source}, {report.get('rows', 0):,} rows in "
              f"{report['wall_seconds']:.1f} s"
              + (f" ({report['seconds']:.2f} s of inference, {rate:,.0f} rows/s)" if rate else "")]
     workers = report.get("workers", [])
@@ -353,6 +354,11 @@ def _summary(config: RunConfig, report: dict[str, Any], outcome: _Outcome) -> No
         lines.append(f"  {w['name']} ({w['device']}): {w['rows']:,} rows; {w['bound']['line']}")
     if len(workers) > _SUMMARY_WORKERS:
         lines.append(f"  ... and {len(workers) - _SUMMARY_WORKERS} more workers")
+    models = report.get("models") or {}
+    if len(models) > 1:
+        for name, m in models.items():
+            lines.append(f"  model {name} ({m['priority']} priority, {m['replicas']} replicas per worker): "
+                         f"{m['rows']:,} rows, {m['rows_per_second']:,.0f} rows/s")
     d = report.get("dispatch") or {}
     if d:
         lines.append(f"  batches: {d.get('completed', 0)} completed, {d.get('failed', 0)} failed, "

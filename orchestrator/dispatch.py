@@ -8,6 +8,11 @@ or as an error naming it: a ledger keyed by batch id drops late duplicates, a
 dead worker's batches are dispatched again, and a batch that keeps killing
 workers is failed instead of looping. Input order is a thin view
 (``in_order``) over the same completion stream.
+
+A dispatcher feeds one model (``model``, a name the workers know). It counts
+its own batches in flight per worker, so dispatchers for different models
+running at once each keep their own window: a flood of one model cannot take
+the window of another.
 """
 from __future__ import annotations
 
@@ -59,7 +64,6 @@ class WorkerRecord:
 
     name: str
     actor: Any
-    inflight: int = 0
     alive: bool = True
     deaths: int = 0
     probe: Any = None  # an ObjectRef of ping() while the worker is suspected dead
@@ -108,7 +112,7 @@ class Dispatcher:
 
     def __init__(self, workers: list[WorkerRecord], *, window: int, on_error: str = "raise", max_retries: int = 2,
                  batch_timeout_s: float = 600.0, probe_timeout_s: float = 120.0, max_ahead: int | None = None,
-                 on_result: Callable[[Result], None] | None = None) -> None:
+                 on_result: Callable[[Result], None] | None = None, model: str | None = None) -> None:
         if not workers:
             raise ValueError("Dispatcher needs at least one worker")
         self.workers = workers
@@ -119,7 +123,9 @@ class Dispatcher:
         self.probe_timeout_s = probe_timeout_s
         self.max_ahead = max_ahead
         self.on_result = on_result
+        self.model = model
         self.stats = DispatchStats()
+        self._inflight: collections.Counter[WorkerRecord] = collections.Counter()  # this dispatcher's batches
         self._pending: dict[Any, _Call] = {}
         self._retry: collections.deque[Batch] = collections.deque()
         self._attempts: collections.Counter[int] = collections.Counter()
@@ -157,7 +163,7 @@ class Dispatcher:
     def _fill(self, source: Iterator[Batch], exhausted: bool) -> bool:
         """Dispatch until every live worker's window is full; returns whether the source is exhausted."""
         while True:
-            live = [w for w in self._live() if w.inflight < self.window]
+            live = [w for w in self._live() if self._inflight[w] < self.window]
             if not live:
                 return exhausted
             if self._retry:
@@ -175,7 +181,7 @@ class Dispatcher:
                 # Only the worker it failed on has room: wait for another one to free up.
                 self._retry.appendleft(batch)
                 return exhausted
-            self._send(batch, min(choices or live, key=lambda w: w.inflight))
+            self._send(batch, min(choices or live, key=self._inflight.__getitem__))
 
     def _too_far_ahead(self) -> bool:
         if self.max_ahead is None:
@@ -183,15 +189,15 @@ class Dispatcher:
         return self._taken >= self._ledger.floor + self.max_ahead
 
     def _send(self, batch: Batch, worker: WorkerRecord) -> None:
-        ref = worker.actor.infer.remote(batch.batch_id, batch.source, batch.start, batch.stop)
+        ref = worker.actor.infer.remote(batch.batch_id, batch.source, batch.start, batch.stop, self.model)
         self._pending[ref] = _Call(batch, worker, time.monotonic())
-        worker.inflight += 1
+        self._inflight[worker] += 1
         self.stats.dispatched += 1
 
     # -- outcomes --------------------------------------------------------------------------------
     def _collect(self, ref: Any) -> Iterator[Result]:
         call = self._pending.pop(ref)
-        call.worker.inflight -= 1
+        self._inflight[call.worker] -= 1
         batch_id = call.batch.batch_id
         try:
             out: BatchResult = ray.get(ref, timeout=0)
