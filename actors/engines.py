@@ -84,7 +84,7 @@ class Engine:
         self._owned: list[Stream] = []
         self.replicas: list[Pipeline] = []
         built = build_model(spec.model)
-        self.source = spec.model["source"]
+        self.source, self.model_name = spec.model["source"], built.name
         self.input_spec = built.input_spec
         self.memory: MemoryNeed = fit_model(spec.name, built, config, spec.replicas, streams.device)
         try:
@@ -130,7 +130,7 @@ class Engine:
 
     def info(self) -> dict[str, Any]:
         """What the driver needs to feed this model: its source, input row and set-up."""
-        return {"model": self.source, "input_dtype": self.input_spec.dtype,
+        return {"model": self.model_name, "source": self.source, "input_dtype": self.input_spec.dtype,
                 "input_shape": list(self.input_spec.row_shape), "replicas": len(self.replicas),
                 "priority": self.spec.priority, "memory": self.memory.as_dict()}
 

@@ -113,8 +113,9 @@ class Orchestrator:
         except Exception as err:
             # Ray's text holds the worker's traceback; its last line is the error itself.
             cause = str(err).strip().splitlines()[-1]
-            sources = ", ".join(f"{s['name']}={s['model']['source']}" for s in models)
-            raise WorkerStartError(f"a worker failed to build its models ({sources}): {cause}") from err
+            what = (f"model {models[0]['model']['source']!r}" if len(models) == 1 else
+                    "models " + ", ".join(f"{s['name']}={s['model']['source']!r}" for s in models))
+            raise WorkerStartError(f"a worker failed to build its {what}: {cause}") from err
         log.info("started %d workers: %s", count, [(i["name"], i["device"], i["gpu_ids"]) for i in self.worker_info])
 
     def close(self) -> None:

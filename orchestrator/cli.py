@@ -33,6 +33,8 @@ BENCHMARKS = {
     "pipeline": ("orchestrator.bench.pipeline_bench", "one GPU from pageable numpy: GPU-only vs a serial loop "
                                                       "vs the pipeline"),
     "graphs": ("orchestrator.bench.graphs_bench", "CUDA graphs vs eager in the pipeline, per batch size"),
+    "multistream": ("orchestrator.bench.multistream_bench", "a small model on 1, 2 and 4 streams of one GPU; a HIGH-"
+                                                            "priority model's latency under a LOW flood (--smoke: CPU)"),
     "scaling": ("orchestrator.bench.scaling_bench", "1..N GPUs: this project vs hand-written Ray actors vs Ray "
                                                     "Data (--smoke runs without a GPU)"),
 }
@@ -277,7 +279,7 @@ def _run(config: RunConfig) -> int:
     try:
         with Orchestrator(config) as orch:
             info = orch.worker_info[0]["models"][config.input_model]
-            print(f"running {info['model']} on {len(orch.workers)} workers: {inp.describe()}, "
+            print(f"running {info['source']} on {len(orch.workers)} workers: {inp.describe()}, "
                   f"{config.dispatch.batch_rows:,} rows per batch", file=sys.stderr, flush=True)
             try:
                 inp.check_fits(info)
@@ -357,7 +359,7 @@ def _summary(config: RunConfig, report: dict[str, Any], outcome: _Outcome) -> No
     models = report.get("models") or {}
     if len(models) > 1:
         for name, m in models.items():
-            lines.append(f"  model {name} ({m['priority']} priority, {m['replicas']} replicas per worker): "
+            lines.append(f"  model {name} (priority {m['priority']}, replicas per worker {m['replicas']}): "
                          f"{m['rows']:,} rows, {m['rows_per_second']:,.0f} rows/s")
     d = report.get("dispatch") or {}
     if d:

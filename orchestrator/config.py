@@ -248,16 +248,20 @@ class RunConfig(_Strict):
 
     @field_validator("models")
     @classmethod
-    def _models_fit_a_worker(cls, models: list[NamedModelConfig] | None) -> list[NamedModelConfig] | None:
+    def _models_fit_a_worker(cls, models: list[NamedModelConfig] | None,
+                             info: ValidationInfo) -> list[NamedModelConfig] | None:
         if models is None:
             return models
+        # A default model section is allowed beside models, so a dumped config validates again.
+        if info.data.get("model", ModelConfig()) != ModelConfig():
+            raise ValueError("set either model (one model) or models (several), not both")
         names = [m.name for m in models]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise ValueError(f"models: names must be unique; {', '.join(map(repr, twice))} appear more than once")
+            raise ValueError(f"names must be unique; {', '.join(map(repr, twice))} appear more than once")
         need = streams_needed([m.replicas for m in models])
         if need > MAX_STREAMS_LIMIT:
-            raise ValueError(f"models: {sum(m.replicas for m in models)} replicas of {len(models)} models need {need} "
+            raise ValueError(f"{sum(m.replicas for m in models)} replicas of {len(models)} models need {need} "
                              f"streams (2 per replica + 1 per model), a worker has {MAX_STREAMS_LIMIT}; "
                              f"lower the replicas")
         return models
@@ -288,12 +292,6 @@ class RunConfig(_Strict):
             raise ValueError(f"input.model: {v.model!r} is not a model of this config; known: "
                              f"{', '.join(map(repr, names))}")
         return v
-
-    @model_validator(mode="after")
-    def _one_kind_of_model_section(self) -> RunConfig:
-        if self.models is not None and "model" in self.model_fields_set:
-            raise ValueError("models: set either model (one model) or models (several), not both")
-        return self
 
     @property
     def inflight_per_worker(self) -> int:
