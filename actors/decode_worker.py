@@ -48,6 +48,7 @@ class DecodeWorker:
             self.loop = decode.pop("loop")
             max_seq_len = decode.pop("max_seq_len") or self.spec.row_shape[0] + self.max_new_tokens
             self.model_name = built.name
+            self.source = source
             self.generator = Generator(built.model.to(self.streams.device), self.streams,
                                        GenerateConfig(max_batch=max_batch_rows, max_seq_len=max_seq_len, **decode))
         except BaseException:
@@ -55,8 +56,13 @@ class DecodeWorker:
             raise
         self.rows = 0
 
-    def infer(self, batch_id: int, source: Any, start: int = 0, stop: int | None = None) -> BatchResult:
-        """Generate for one batch of prompts; returns the tokens ``(rows, max_new_tokens)`` in host memory."""
+    def infer(self, batch_id: int, source: Any, start: int = 0, stop: int | None = None,
+              model: str | None = None) -> BatchResult:
+        """Generate for one batch of prompts; returns the tokens ``(rows, max_new_tokens)`` in host memory.
+
+        ``model`` is the name the driver routes by; a decode worker hosts its one decoder under any name
+        (the config allows decode with a single ``model`` section only).
+        """
         try:
             self.faults.before(batch_id)
             result = self.generator.generate(resolve_rows(source, start, stop), self.max_new_tokens, self.loop,
@@ -70,7 +76,7 @@ class DecodeWorker:
     def ping(self) -> dict[str, Any]:
         return {"name": self.name, "node": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.streams.device), "gpu_ids": self.gpu_ids, "model": self.model_name,
-                "input_dtype": self.spec.dtype, "input_shape": list(self.spec.row_shape)}
+                "source": self.source, "input_dtype": self.spec.dtype, "input_shape": list(self.spec.row_shape)}
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def stats(self) -> dict[str, Any]:

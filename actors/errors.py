@@ -69,3 +69,29 @@ class PipelineBrokenError(OrchestratorError, RuntimeError):
 
     def __str__(self) -> str:
         return f"pipeline unusable after a device failure: {self.cause}"
+
+
+class UnknownModelError(OrchestratorError, LookupError):
+    """A request named a model that this worker or config does not have."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(name, known)
+        self.name, self.known = name, known
+
+    def __str__(self) -> str:
+        return f"unknown model {self.name!r}; known: {', '.join(repr(k) for k in self.known)}"
+
+
+class ModelMemoryError(OrchestratorError, RuntimeError):
+    """A model would not fit in the device memory left when it is built (raised at start-up, not mid-run)."""
+
+    def __init__(self, model: str, device: str, need_bytes: int, free_bytes: int, detail: str) -> None:
+        super().__init__(model, device, need_bytes, free_bytes, detail)
+        self.model, self.device, self.need_bytes, self.free_bytes, self.detail = \
+            model, device, need_bytes, free_bytes, detail
+
+    def __str__(self) -> str:
+        gib = 1 << 30
+        return (f"model {self.model!r} does not fit on {self.device}: needs about {self.need_bytes / gib:.2f} GiB "
+                f"({self.detail}), {self.free_bytes / gib:.2f} GiB usable; lower its replicas, "
+                f"pipeline.max_batch_rows or pipeline.depth, or give it a GPU of its own")

@@ -68,7 +68,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch.utils import _pytree as pytree
 
-from actors.streams import Event, StreamManager
+from actors.streams import Event, Stream, StreamManager
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ class GraphRunner:
     """
 
     def __init__(self, config: GraphConfig, streams: StreamManager, slots: Sequence[SlotBuffers], max_rows: int,
-                 run_model: Callable[[torch.Tensor], Any], eager: Callable[[Any, int], Any], name: str) -> None:
+                 run_model: Callable[[torch.Tensor], Any], eager: Callable[[Any, int], Any], name: str,
+                 compute: Stream | None = None) -> None:
         self.config = config
         self.buckets = buckets_for(max_rows, config.buckets)
         self.stats = GraphStats(enabled=config.enabled, buckets=list(self.buckets))
@@ -206,7 +207,7 @@ class GraphRunner:
         self._treespec: pytree.TreeSpec | None = None
         self._pool: Any = None
         self._side: torch.cuda.Stream | None = None
-        self._compute = streams.get_compute_stream()
+        self._compute = compute or streams.get_compute_stream()  # the pipeline's compute stream
         self._above_reason = f"batches above the largest bucket ({self.buckets[-1]} rows) run eager"
         self._active = config.enabled
         if not config.enabled:

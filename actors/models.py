@@ -49,6 +49,21 @@ class BuiltModel:
                 part.to(device)
         return self
 
+    def run(self, x: torch.Tensor) -> Any:
+        """``postprocess(model(preprocess(x)))`` on the current stream; the caller chooses grad mode."""
+        if self.preprocess is not None:
+            x = self.preprocess(x)
+        y = self.model(x)
+        if self.postprocess is not None:
+            y = self.postprocess(y)
+        return y
+
+    def weight_bytes(self) -> int:
+        """Bytes of the parameters and buffers of every ``nn.Module`` part (0 for a bare callable)."""
+        return sum(t.numel() * t.element_size()
+                   for part in (self.model, self.preprocess, self.postprocess) if isinstance(part, nn.Module)
+                   for t in (*part.parameters(), *part.buffers()))
+
 
 def load_model(source: str, *, dtype: str = "float32", channels_last: bool = False,
                input_dtype: str | None = None, input_shape: Sequence[int] | None = None,

@@ -250,6 +250,11 @@ def shared_pinner(budget_bytes: int) -> HostPinner:
         return _shared.acquire(budget_bytes)
 
 
+def pinned_in_place_stats() -> dict[str, int] | None:
+    """This process's registry counters, or None where no pipeline has pinned anything."""
+    return _shared.as_dict() if _shared is not None else None
+
+
 def _cuda_error_clearer():
     """``cudaGetLastError`` of the CUDA runtime torch loaded, or None where it cannot be found."""
     candidates = [None]  # the global namespace, where torch's wheels load their CUDA libraries

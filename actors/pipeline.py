@@ -35,7 +35,7 @@ from actors.errors import InputError, ModelError, PipelineBrokenError
 from actors.graphs import GraphConfig, GraphRunner, buckets_for
 from actors.models import BuiltModel
 from actors.pinning import shared_pinner
-from actors.streams import D2H, H2D, StreamManager
+from actors.streams import D2H, H2D, Stream, StreamManager
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,25 @@ class PipelineConfig:
             buckets_for(self.max_batch_rows, graphs.buckets)
         except ValueError as err:
             raise ValueError(f"PipelineConfig.graphs.buckets: {err}") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineStreams:
+    """The three streams one pipeline runs on, all from one StreamManager.
+
+    By default a pipeline takes the manager's built-ins (compute HIGH, copies
+    NORMAL). Several pipelines in one process (``actors.engines``) each get their
+    own compute and D2H streams, so their kernels run side by side and each
+    replica's copy-out waits only on its own compute.
+    """
+
+    compute: Stream
+    h2d: Stream
+    d2h: Stream
+
+    @classmethod
+    def builtin(cls, streams: StreamManager) -> PipelineStreams:
+        return cls(streams.get_compute_stream(), streams.get_copy_stream(H2D), streams.get_copy_stream(D2H))
 
 
 @dataclasses.dataclass
@@ -162,7 +181,8 @@ class Pipeline:
     the completion thread and drops the slots' pinned and device buffers.
     """
 
-    def __init__(self, built: BuiltModel, streams: StreamManager, config: PipelineConfig | None = None) -> None:
+    def __init__(self, built: BuiltModel, streams: StreamManager, config: PipelineConfig | None = None,
+                 lanes: PipelineStreams | None = None) -> None:
         self.config = config or PipelineConfig()
         self.streams = streams
         self.device = streams.device
@@ -171,9 +191,8 @@ class Pipeline:
         self._in_dtype = np.dtype(self.spec.dtype)
         self._compute_fn = self._eager_compute
         self._built = built.to(self.device)
-        self._h2d = streams.get_copy_stream(H2D)
-        self._d2h = streams.get_copy_stream(D2H)
-        self._compute = streams.get_compute_stream()
+        lanes = lanes or PipelineStreams.builtin(streams)
+        self._h2d, self._compute, self._d2h = lanes.h2d, lanes.compute, lanes.d2h
         self._submit_lock = threading.Lock()
         self._inflight: queue.Queue[_InFlight | None] = queue.Queue()
         self._counter = itertools.count()
@@ -183,7 +202,7 @@ class Pipeline:
         self._out_spec, out_rows = self._probe_outputs()
         self._slots = [self._make_slot(i, out_rows) for i in range(self.config.depth)]
         self.graphs = GraphRunner(self.config.graphs, streams, self._slots, self.config.max_batch_rows,
-                                  self._run_model, self._eager_compute, self.name)
+                                  self._run_model, self._eager_compute, self.name, self._compute)
         if self.config.graphs.enabled:
             self._compute_fn = self.graphs.compute
         self._free = threading.Semaphore(self.config.depth)
@@ -191,7 +210,7 @@ class Pipeline:
         self._staging = concurrent.futures.ThreadPoolExecutor(self.config.staging_threads, thread_name_prefix="staging")
         pin_budget = int(self.config.pin_in_place_gb * (1 << 30))
         self.pinner = shared_pinner(pin_budget) if streams.is_cuda and pin_budget else None
-        self.timeline = _Timeline(streams) if self.config.timeline else None
+        self.timeline = _Timeline(streams, self._compute) if self.config.timeline else None
         self._completion = threading.Thread(target=self._complete_loop, name=f"completion-{self.name}", daemon=True)
         self._completion.start()
 
@@ -231,13 +250,7 @@ class Pipeline:
         return _Slot(index, host_in, dev_in, host_out, self.streams)
 
     def _run_model(self, x: torch.Tensor) -> Any:
-        built = self._built
-        if built.preprocess is not None:
-            x = built.preprocess(x)
-        y = built.model(x)
-        if built.postprocess is not None:
-            y = built.postprocess(y)
-        return y
+        return self._built.run(x)
 
     # -- per batch (hot path) -------------------------------------------------------------------
     def validate(self, batch_id: int, array: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -478,11 +491,11 @@ class PipelineStats:
 class _Timeline:
     """Per-batch spans of timed batches, relative to an origin event, for a Chrome trace."""
 
-    def __init__(self, streams: StreamManager) -> None:
+    def __init__(self, streams: StreamManager, compute: Stream) -> None:
         if streams.is_cuda:
             torch.cuda.synchronize(streams.device)
         self.origin_host = time.perf_counter()
-        self.origin = streams.insert_event(streams.get_compute_stream(), streams.create_event(enable_timing=True))
+        self.origin = streams.insert_event(compute, streams.create_event(enable_timing=True))
         self.spans: collections.deque[tuple[int, str, float, float]] = collections.deque(maxlen=200_000)
 
     def add(self, item: _InFlight, slot: _Slot) -> None:

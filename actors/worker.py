@@ -1,8 +1,9 @@
-"""The Ray actor of one GPU: a thin shell around a StreamManager and a Pipeline.
+"""The Ray actor of one GPU: a thin shell around a StreamManager and its named models (``Engines``).
 
 The actor is threaded: up to ``inflight`` ``infer`` calls run at once, each
-submitting its batch to the pipeline and returning when that batch's D2H has
-completed, so Ray hands results back in completion order. ``ping`` and
+submitting its batch to its model's engine and returning when that batch's D2H
+has completed, so Ray hands results back in completion order. Calls for
+different models share no lock (``actors.engines``). ``ping`` and
 ``stats`` live in their own concurrency group so that a health check never
 queues behind a batch. Constructor arguments are plain values (ray#53727).
 """
@@ -20,10 +21,11 @@ import numpy as np
 import ray
 import torch
 
-from actors.bounds import analyse, copy_ceilings
-from actors.errors import BatchError, ModelError, PipelineBrokenError
-from actors.models import load_model
-from actors.pipeline import BatchResult, Pipeline, PipelineConfig
+from actors.bounds import copy_ceilings
+from actors.engines import EngineSpec, Engines, streams_needed
+from actors.errors import BatchError, InputError, ModelError, PipelineBrokenError, UnknownModelError
+from actors.pinning import pinned_in_place_stats
+from actors.pipeline import BatchResult, PipelineConfig
 from actors.streams import StreamManager
 from actors.telemetry import GpuTelemetry
 
@@ -70,11 +72,14 @@ def resolve_rows(source: Any, start: int, stop: int | None) -> np.ndarray | torc
 
 
 class GpuWorker:
-    """Builds one model on this process's device and runs batches through the pipeline."""
+    """Builds its models on this process's device and runs each batch through its model's engine.
 
-    def __init__(self, name: str, model: dict[str, Any], pipeline: dict[str, Any],
+    ``models`` holds one ``EngineSpec`` as a dict per model (``RunConfig.engine_specs``); the first is the default.
+    ``metrics_sample_s``: record Prometheus metrics this often (``orchestrator.metrics``); None: never.
+    """
+
+    def __init__(self, name: str, models: list[dict[str, Any]], pipeline: dict[str, Any],
                  faults: dict[str, Any] | None = None, metrics_sample_s: float | None = None) -> None:
-        """``metrics_sample_s``: record Prometheus metrics this often (``orchestrator.metrics``); None: never."""
         self.name = name
         self.faults = _Faults(**(faults or {}))
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
@@ -87,12 +92,10 @@ class GpuWorker:
             device = torch.device("cpu")
             log.warning("worker %s: no CUDA device visible; running on the CPU backend", name)
         self.gpu_ids = [str(g) for g in gpu_ids]
-        self.streams = StreamManager(device=device)
+        specs = [EngineSpec(**m) for m in models]
+        self.streams = StreamManager(max_streams=streams_needed([s.replicas for s in specs]), device=device)
         try:
-            model = dict(model)
-            torch.manual_seed(model.pop("seed", 0))
-            built = load_model(model.pop("source"), **model)
-            self.pipeline = Pipeline(built, self.streams, PipelineConfig(**pipeline))
+            self.engines = Engines(specs, self.streams, PipelineConfig(**pipeline))
         except BaseException:
             self.streams.close()
             raise
@@ -110,14 +113,19 @@ class GpuWorker:
         from orchestrator.metrics import WorkerMetrics, worker_labels
 
         # Copy ceilings are measured now, before any batch, not by the sampler in the middle of the run.
-        return WorkerMetrics(worker_labels(self.ping()), self.pipeline, self.telemetry,
+        return WorkerMetrics(worker_labels(self.ping()), self.engines, self.telemetry,
                              copy_ceilings(self.streams.device), sample_s)
 
-    def infer(self, batch_id: int, source: Any, start: int = 0, stop: int | None = None) -> BatchResult:
-        """Run one batch; returns when its outputs are back in host memory."""
+    def infer(self, batch_id: int, source: Any, start: int = 0, stop: int | None = None,
+              model: str | None = None) -> BatchResult:
+        """Run one batch on ``model`` (None: the default); returns when its outputs are back in host memory."""
         try:
             self.faults.before(batch_id)
-            future = self.pipeline.submit(batch_id, resolve_rows(source, start, stop))
+            try:
+                engine = self.engines.get(model)
+            except UnknownModelError as err:
+                raise InputError(batch_id, str(err)) from err
+            future = engine.submit(batch_id, resolve_rows(source, start, stop))
             return future.result()
         except PipelineBrokenError:
             # The CUDA context is poisoned; only a fresh process recovers. Ray restarts
@@ -129,19 +137,20 @@ class GpuWorker:
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def ping(self) -> dict[str, Any]:
+        """Identity and health; ``models`` maps each model's name to its input row; the top-level
+        ``model``/``input_*`` keys describe the default model."""
+        models = {e.name: e.info() for e in self.engines}
         return {"name": self.name, "node": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.streams.device), "gpu_ids": self.gpu_ids, "broken": self.pipeline.broken,
-                "model": self.pipeline.name, "input_dtype": self.pipeline.spec.dtype,
-                "input_shape": list(self.pipeline.spec.row_shape)}
+                "device": str(self.streams.device), "gpu_ids": self.gpu_ids, "broken": self.engines.broken,
+                **{k: models[self.engines.default][k] for k in ("model", "input_dtype", "input_shape")},
+                "models": models}
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def stats(self) -> dict[str, Any]:
-        """Counters, per-stage times, the bound analysis and device memory of this worker."""
-        stats = self.pipeline.stats
-        out = {"name": self.name, "device": str(self.streams.device), **stats.as_dict(),
-               "bound": analyse(stats, copy_ceilings(self.streams.device)).as_dict(),
-               "graphs": self.pipeline.graphs.stats.as_dict(), "telemetry": self.telemetry.read().as_dict(),
-               "pinned_in_place": self.pipeline.pinner.as_dict() if self.pipeline.pinner else None}
+        """Counters, per-stage times, the bound analysis and device memory of this worker, all models
+        together; ``models`` has the same per model."""
+        out = {"name": self.name, "device": str(self.streams.device), **self.engines.report(),
+               "telemetry": self.telemetry.read().as_dict(), "pinned_in_place": pinned_in_place_stats()}
         if self.streams.is_cuda:
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.streams.device)
             out["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.streams.device)
@@ -149,12 +158,12 @@ class GpuWorker:
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def timeline(self) -> list[dict[str, Any]]:
-        return self.pipeline.timeline.chrome_trace(self.name) if self.pipeline.timeline else []
+        return [e for engine in self.engines for e in engine.timeline(self.name)]
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
-        self.pipeline.close()
+        self.engines.close()
         self.streams.close()
 
 

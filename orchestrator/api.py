@@ -20,7 +20,7 @@ import numpy as np
 import ray
 
 from actors.decode_worker import RemoteDecodeWorker
-from actors.errors import OrchestratorError
+from actors.errors import OrchestratorError, UnknownModelError
 from actors.worker import RemoteGpuWorker
 from orchestrator.config import RunConfig
 from orchestrator.dispatch import Dispatcher, Result, WorkerRecord, in_order
@@ -91,8 +91,9 @@ class Orchestrator:
                                    f"has {gpus:g}; lower cluster.num_workers or cluster.gpus_per_worker")
         if not gpus:
             log.warning("the cluster has no GPU: starting %d CPU workers (CPU backend)", count)
-        window = self.config.inflight_per_worker
-        model = self.config.model.model_dump()
+        # Every model gets its own window of Ray threads, so one model's flood cannot hold another's batches back.
+        window = sum(self.config.window(name) for name in self.config.model_names)
+        models = self.config.engine_specs()
         pipeline = self.config.pipeline.model_dump()
         faults = {name: f.model_dump() for name, f in self.config.faults.items()}
         metrics = self.config.metrics
@@ -104,10 +105,11 @@ class Orchestrator:
             name = f"worker-{i}"
             if decode is None:
                 actor = RemoteGpuWorker.options(max_concurrency=window, **options).remote(
-                    name, model, pipeline, faults.get(name), sample_s)
+                    name, models, pipeline, faults.get(name), sample_s)
             else:  # one generation at a time: the worker's KV cache holds one batch
                 actor = RemoteDecodeWorker.options(max_concurrency=1, **options).remote(
-                    name, model, decode, self.config.pipeline.max_batch_rows, faults.get(name))
+                    name, self.config.model.model_dump(), decode, self.config.pipeline.max_batch_rows,
+                    faults.get(name))
             self.workers.append(WorkerRecord(name, actor))
         pings = [w.actor.ping.remote() for w in self.workers]
         ready, not_ready = ray.wait(pings, num_returns=len(pings), timeout=cluster.worker_start_timeout_s)
@@ -122,7 +124,9 @@ class Orchestrator:
         except Exception as err:
             # Ray's text holds the worker's traceback; its last line is the error itself.
             cause = str(err).strip().splitlines()[-1]
-            raise WorkerStartError(f"a worker failed to build its model {self.config.model.source!r}: {cause}") from err
+            what = (f"model {models[0]['model']['source']!r}" if len(models) == 1 else
+                    "models " + ", ".join(f"{s['name']}={s['model']['source']!r}" for s in models))
+            raise WorkerStartError(f"a worker failed to build its {what}: {cause}") from err
         log.info("started %d workers: %s", count, [(i["name"], i["device"], i["gpu_ids"]) for i in self.worker_info])
         self.driver_metrics = DriverMetrics({i["name"]: worker_labels(i) for i in self.worker_info},
                                             depth=self.config.pipeline.depth, sample_s=metrics.sample_s,
@@ -142,18 +146,24 @@ class Orchestrator:
         self._started_ray = False
 
     # -- work ------------------------------------------------------------------------------------------
-    def map(self, inputs: Any, *, ordered: bool | None = None, batch_rows: int | None = None) -> Iterator[Result]:
-        """Yield each batch's Result as it completes (or in input order with ``ordered=True``)."""
+    def map(self, inputs: Any, *, ordered: bool | None = None, batch_rows: int | None = None,
+            model: str | None = None) -> Iterator[Result]:
+        """Yield each batch's Result as it completes (or in input order with ``ordered=True``).
+
+        ``model`` names one of the config's ``models`` (None: the first, or the only ``model``).
+        Maps of different models may run at once, each with its own in-flight window.
+        """
         if not self.workers:
             raise RuntimeError("Orchestrator is not started; use it as a context manager")
         cfg = self.config
+        model = self._model_name(model)
         ordered = cfg.dispatch.ordered if ordered is None else ordered
         rows = batch_rows or cfg.dispatch.batch_rows
         if rows > cfg.pipeline.max_batch_rows:
             raise ValueError(f"batch_rows={rows} exceeds pipeline.max_batch_rows={cfg.pipeline.max_batch_rows}")
         progress = _progress_bar(cfg.dispatch.progress, _total_rows(inputs))
         dispatcher = Dispatcher(
-            self.workers, window=cfg.inflight_per_worker, on_error=cfg.errors.on_error,
+            self.workers, window=cfg.window(model), model=model, on_error=cfg.errors.on_error,
             max_retries=cfg.errors.max_retries, batch_timeout_s=cfg.dispatch.batch_timeout_s,
             probe_timeout_s=cfg.cluster.worker_start_timeout_s,
             max_ahead=cfg.dispatch.reorder_window if ordered else None,
@@ -184,15 +194,23 @@ class Orchestrator:
                                "without one the workers run batch inference")
         return self.map(prompts, ordered=ordered, batch_rows=batch_rows)
 
-    def run(self, inputs: Any, *, batch_rows: int | None = None) -> Any:
+    def run(self, inputs: Any, *, batch_rows: int | None = None, model: str | None = None) -> Any:
         """All outputs in input order, concatenated along rows (same tree as the model's outputs)."""
-        results = [r for r in self.map(inputs, ordered=True, batch_rows=batch_rows) if r.error is None]
+        results = [r for r in self.map(inputs, ordered=True, batch_rows=batch_rows, model=model) if r.error is None]
         if not results:
             return None
         return _concat([r.outputs for r in results])
 
+    def _model_name(self, model: str | None) -> str:
+        names = self.config.model_names
+        if model is None:
+            return names[0]
+        if model not in names:
+            raise UnknownModelError(model, names)
+        return model
+
     def report(self) -> dict[str, Any]:
-        """Throughput, per-worker figures (stage times, bound analysis) and dispatch counters."""
+        """Throughput, per-worker figures (stage times, bound analysis), per-model totals and dispatch counters."""
         per_worker = ray.get([w.actor.stats.remote() for w in self.workers if w.alive])
         dispatch: dict[str, Any] = {}
         for d in self._dispatchers:
@@ -204,6 +222,7 @@ class Orchestrator:
             "rows_per_second": self._rows_done / self._seconds if self._seconds else None,
             "workers": per_worker,
             "bound": [w["bound"]["line"] for w in per_worker if "bound" in w],  # decode workers have none
+            "models": _per_model(per_worker),
             "dispatch": dispatch,
             "dispatch_per_worker": self.driver_metrics.as_dict(),
             "metrics_endpoints": metrics_endpoints() if self.config.metrics.export else [],
@@ -212,6 +231,20 @@ class Orchestrator:
     def timeline(self) -> list[dict[str, Any]]:
         """Chrome-trace events of every worker (needs ``pipeline.timeline=True``)."""
         return [e for trace in ray.get([w.actor.timeline.remote() for w in self.workers if w.alive]) for e in trace]
+
+
+def _per_model(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each model's rows and batches over all workers, its summed worker rates, and each worker's bound line."""
+    out: dict[str, Any] = {}
+    for w in per_worker:
+        for name, m in w.get("models", {}).items():  # decode workers report no models
+            entry = out.setdefault(name, {"rows": 0, "batches": 0, "rows_per_second": 0.0, "replicas": m["replicas"],
+                                          "priority": m["priority"], "bound": []})
+            entry["rows"] += m["rows"]
+            entry["batches"] += m["batches"]
+            entry["rows_per_second"] += m["rows_per_second"] or 0.0
+            entry["bound"].append(f"{w['name']}: {m['bound']['line']}")
+    return out
 
 
 def _await_deaths(actors: list[Any], deadline_s: float) -> None:

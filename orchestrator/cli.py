@@ -36,6 +36,8 @@ BENCHMARKS = {
     "graphs": ("orchestrator.bench.graphs_bench", "CUDA graphs vs eager in the pipeline, per batch size"),
     "metrics": ("orchestrator.bench.metrics_bench", "a job with Prometheus metrics on vs off, and what one "
                                                     "recording costs (--quick runs without a GPU)"),
+    "multistream": ("orchestrator.bench.multistream_bench", "a small model on 1, 2 and 4 streams of one GPU; a HIGH-"
+                                                            "priority model's latency under a LOW flood (--smoke: CPU)"),
     "scaling": ("orchestrator.bench.scaling_bench", "1..N GPUs: this project vs hand-written Ray actors vs Ray "
                                                     "Data (--smoke runs without a GPU)"),
     "decode": ("orchestrator.bench.decode_bench", "decode tokens/s: naive vs synced vs interleaved loops "
@@ -278,8 +280,9 @@ def _run(config: RunConfig) -> int:
     parts: tuple[np.ndarray, list[Any]] = (np.empty(0, np.int64), [])
     try:
         with Orchestrator(config) as orch:
-            info = orch.worker_info[0]
-            print(f"running {config.model.source} on {len(orch.workers)} workers: {inp.describe()}, "
+            first = orch.worker_info[0]
+            info = first["models"][config.input_model] if "models" in first else first  # a decode worker: one model
+            print(f"running {info['source']} on {len(orch.workers)} workers: {inp.describe()}, "
                   f"{config.dispatch.batch_rows:,} rows per batch", file=sys.stderr, flush=True)
             try:
                 inp.check_fits(info)
@@ -324,7 +327,7 @@ def _collect(orch: Any, source: Any, config: RunConfig, outcome: _Outcome,
     done: list[tuple[int, int, Any]] = []
     if progress_log:
         progress_log.start()
-    for result in orch.map(source, ordered=config.dispatch.ordered):
+    for result in orch.map(source, ordered=config.dispatch.ordered, model=config.input_model):
         if progress_log:
             progress_log.update(result.rows, result.error is not None)
         if result.error is not None:
@@ -364,7 +367,8 @@ def _summary(config: RunConfig, report: dict[str, Any], outcome: _Outcome) -> No
     The per-worker part is the run report's table (``orchestrator.report.render``).
     """
     rate = report.get("rows_per_second")
-    print(f"\n{outcome.status.upper()}: {config.model.source}, {report.get('rows', 0):,} rows in "
+    source = {s["name"]: s["model"]["source"] for s in config.engine_specs()}[config.input_model]
+    print(f"\n{outcome.status.upper()}: {source}, {report.get('rows', 0):,} rows in "
           f"{report['wall_seconds']:.1f} s"
           + (f" ({report['seconds']:.2f} s of inference, {rate:,.0f} rows/s)" if rate else ""), flush=True)
     if report["summary"]["workers"]:
@@ -374,6 +378,11 @@ def _summary(config: RunConfig, report: dict[str, Any], outcome: _Outcome) -> No
              for w in decoders[:_SUMMARY_WORKERS]]
     if len(decoders) > _SUMMARY_WORKERS:
         lines.append(f"  ... and {len(decoders) - _SUMMARY_WORKERS} more workers")
+    models = report.get("models") or {}
+    if len(models) > 1:
+        for name, m in models.items():
+            lines.append(f"  model {name} (priority {m['priority']}, replicas per worker {m['replicas']}): "
+                         f"{m['rows']:,} rows, {m['rows_per_second']:,.0f} rows/s")
     d = report.get("dispatch") or {}
     if d:
         lines.append(f"  batches: {d.get('completed', 0)} completed, {d.get('failed', 0)} failed, "

@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from actors.engines import DEFAULT_MODEL, streams_needed
 from actors.pipeline import PipelineConfig
+from actors.streams import MAX_STREAMS_LIMIT
 
 OUTPUT_SUFFIXES = (".npy", ".parquet")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -52,6 +54,17 @@ class ModelConfig(_Strict):
             raise ValueError(f"{source!r} is none of zoo:NAME, package.module:factory, or a model file "
                              f"({', '.join(FILE_SUFFIXES)})")
         return source
+
+
+class NamedModelConfig(ModelConfig):
+    """One of several models every worker hosts (``models:``), on its own streams (actors.engines)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][\w.-]*$", description="what requests name: "
+                                                                       "Orchestrator.map(inputs, model=NAME)")
+    replicas: int = Field(1, ge=1, le=8, description="pipelines of this model per worker, each on its own compute "
+                                                     "stream; a batch goes to the least busy")
+    priority: Literal["low", "normal", "high"] = Field("normal", description="CUDA priority of this model's streams: "
+                                                                             "its kernels go ahead of lower ones")
 
 
 class ClusterConfig(_Strict):
@@ -143,6 +156,8 @@ class InputConfig(_Strict):
         "synthetic", description="default: npy or parquet from the suffix of path, else synthetic")
     path: str | None = Field(None, description="npy/parquet: the file (on several nodes, on a shared file system)")
     column: str | None = Field(None, description="parquet: the column to read (needed when there are several)")
+    model: str | None = Field(None, description="the model (a name from models) the CLI's input goes to; "
+                                                 "default: the first")
     rows: int = Field(4096, ge=1, description="synthetic: total rows (ignored for files)")
     seed: int = Field(0, description="synthetic: random seed (ignored for files)")
 
@@ -242,6 +257,8 @@ class RunConfig(_Strict):
     """A whole run. Sections are validated in this order, so a cross-section check sees the earlier ones."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
+    models: list[NamedModelConfig] | None = Field(None, min_length=1, description="several models per worker, "
+                                                                                  "instead of model")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
@@ -251,6 +268,34 @@ class RunConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     decode: DecodeConfig | None = Field(None, description="autoregressive decode instead of batch inference")
     faults: dict[str, FaultConfig] = Field(default_factory=dict, description="keyed by worker name, e.g. worker-0")
+
+    @field_validator("models")
+    @classmethod
+    def _models_fit_a_worker(cls, models: list[NamedModelConfig] | None,
+                             info: ValidationInfo) -> list[NamedModelConfig] | None:
+        if models is None:
+            return models
+        # A default model section is allowed beside models, so a dumped config validates again.
+        if info.data.get("model", ModelConfig()) != ModelConfig():
+            raise ValueError("set either model (one model) or models (several), not both")
+        names = [m.name for m in models]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"names must be unique; {', '.join(map(repr, twice))} appear more than once")
+        need = streams_needed([m.replicas for m in models])
+        if need > MAX_STREAMS_LIMIT:
+            raise ValueError(f"{sum(m.replicas for m in models)} replicas of {len(models)} models need {need} "
+                             f"streams (2 per replica + 1 per model), a worker has {MAX_STREAMS_LIMIT}; "
+                             f"lower the replicas")
+        return models
+
+    @field_validator("decode")
+    @classmethod
+    def _decode_has_one_model(cls, v: DecodeConfig | None, info: ValidationInfo) -> DecodeConfig | None:
+        if v is not None and info.data.get("models"):
+            raise ValueError("decode runs the one decoder of the model section; models (several) is for batch "
+                             "inference")
+        return v
 
     @field_validator("pipeline")
     @classmethod
@@ -267,9 +312,45 @@ class RunConfig(_Strict):
                              f"pipeline.max_batch_rows={pipeline.max_batch_rows}")
         return v
 
+    @field_validator("input")
+    @classmethod
+    def _input_model_exists(cls, v: InputConfig, info: ValidationInfo) -> InputConfig:
+        if v.model is None or "models" not in info.data:
+            return v
+        models = info.data["models"]
+        names = [m.name for m in models] if models else [DEFAULT_MODEL]
+        if v.model not in names:
+            raise ValueError(f"input.model: {v.model!r} is not a model of this config; known: "
+                             f"{', '.join(map(repr, names))}")
+        return v
+
     @property
     def inflight_per_worker(self) -> int:
+        """Batches in flight per worker for one pipeline (a model's window is this times its replicas)."""
         return self.dispatch.inflight_per_worker or self.pipeline.depth + 1
+
+    @property
+    def model_names(self) -> list[str]:
+        """The models every worker hosts; the first is the default."""
+        return [m.name for m in self.models] if self.models else [DEFAULT_MODEL]
+
+    @property
+    def input_model(self) -> str:
+        """The model the CLI's input goes to: ``input.model``, else the first."""
+        return self.input.model or self.model_names[0]
+
+    def engine_specs(self) -> list[dict[str, Any]]:
+        """Each model as plain values for the worker (``actors.engines.EngineSpec``); a lone ``model`` is
+        named ``default``, with one replica at normal priority."""
+        if not self.models:
+            return [{"name": DEFAULT_MODEL, "model": self.model.model_dump(), "replicas": 1, "priority": "normal"}]
+        return [{"name": m.name, "model": m.model_dump(exclude={"name", "replicas", "priority"}),
+                 "replicas": m.replicas, "priority": m.priority} for m in self.models]
+
+    def window(self, model: str) -> int:
+        """The in-flight window of ``model`` on each worker: ``inflight_per_worker`` per replica."""
+        replicas = {m.name: m.replicas for m in self.models} if self.models else {DEFAULT_MODEL: 1}
+        return self.inflight_per_worker * replicas[model]
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -348,6 +429,8 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         if key_next:  # e.g. the worker name in faults.worker-0.delay_s
             key_next = False
+            continue
+        if isinstance(part, int):  # an item of a list section, e.g. models.0.name
             continue
         if model is None or part not in model.model_fields:
             return []

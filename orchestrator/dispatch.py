@@ -8,6 +8,11 @@ or as an error naming it: a ledger keyed by batch id drops late duplicates, a
 dead worker's batches are dispatched again, and a batch that keeps killing
 workers is failed instead of looping. Input order is a thin view
 (``in_order``) over the same completion stream.
+
+A dispatcher feeds one model (``model``, a name the workers know). It counts
+its own batches in flight per worker, so dispatchers for different models
+running at once each keep their own window: a flood of one model cannot take
+the window of another.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ray
@@ -59,7 +64,6 @@ class WorkerRecord:
 
     name: str
     actor: Any
-    inflight: int = 0
     alive: bool = True
     deaths: int = 0
     probe: Any = None  # an ObjectRef of ping() while the worker is suspected dead
@@ -106,8 +110,9 @@ class DispatchEvents:
     def worker_died(self, worker: str) -> None:
         """``worker``'s process died (Ray may restart it)."""
 
-    def tick(self, workers: list[WorkerRecord]) -> None:
-        """Called on every pass of the loop (at least once a second), to sample gauges at its own rate."""
+    def tick(self, inflight: Mapping[WorkerRecord, int]) -> None:
+        """Called on every pass of the loop (at least once a second) with this dispatcher's batches in
+        flight per worker, to sample gauges at its own rate."""
 
 
 class _Ledger:
@@ -133,7 +138,8 @@ class Dispatcher:
 
     def __init__(self, workers: list[WorkerRecord], *, window: int, on_error: str = "raise", max_retries: int = 2,
                  batch_timeout_s: float = 600.0, probe_timeout_s: float = 120.0, max_ahead: int | None = None,
-                 on_result: Callable[[Result], None] | None = None, events: DispatchEvents | None = None) -> None:
+                 on_result: Callable[[Result], None] | None = None, model: str | None = None,
+                 events: DispatchEvents | None = None) -> None:
         if not workers:
             raise ValueError("Dispatcher needs at least one worker")
         self.workers = workers
@@ -144,8 +150,10 @@ class Dispatcher:
         self.probe_timeout_s = probe_timeout_s
         self.max_ahead = max_ahead
         self.on_result = on_result
+        self.model = model
         self.stats = DispatchStats()
         self.events = events or DispatchEvents()
+        self._inflight: collections.Counter[WorkerRecord] = collections.Counter()  # this dispatcher's batches
         self._pending: dict[Any, _Call] = {}
         self._retry: collections.deque[Batch] = collections.deque()
         self._attempts: collections.Counter[int] = collections.Counter()
@@ -176,7 +184,7 @@ class Dispatcher:
                 else:
                     yield from self._collect(ref)
             self._check_deadlines()
-            self.events.tick(self.workers)
+            self.events.tick({w: self._inflight[w] for w in self.workers})
 
     def _live(self) -> list[WorkerRecord]:
         return [w for w in self.workers if w.alive and w.probe is None]
@@ -184,7 +192,7 @@ class Dispatcher:
     def _fill(self, source: Iterator[Batch], exhausted: bool) -> bool:
         """Dispatch until every live worker's window is full; returns whether the source is exhausted."""
         while True:
-            live = [w for w in self._live() if w.inflight < self.window]
+            live = [w for w in self._live() if self._inflight[w] < self.window]
             if not live:
                 return exhausted
             if self._retry:
@@ -202,7 +210,7 @@ class Dispatcher:
                 # Only the worker it failed on has room: wait for another one to free up.
                 self._retry.appendleft(batch)
                 return exhausted
-            self._send(batch, min(choices or live, key=lambda w: w.inflight))
+            self._send(batch, min(choices or live, key=self._inflight.__getitem__))
 
     def _too_far_ahead(self) -> bool:
         if self.max_ahead is None:
@@ -210,15 +218,15 @@ class Dispatcher:
         return self._taken >= self._ledger.floor + self.max_ahead
 
     def _send(self, batch: Batch, worker: WorkerRecord) -> None:
-        ref = worker.actor.infer.remote(batch.batch_id, batch.source, batch.start, batch.stop)
+        ref = worker.actor.infer.remote(batch.batch_id, batch.source, batch.start, batch.stop, self.model)
         self._pending[ref] = _Call(batch, worker, time.monotonic())
-        worker.inflight += 1
+        self._inflight[worker] += 1
         self.stats.dispatched += 1
 
     # -- outcomes --------------------------------------------------------------------------------
     def _collect(self, ref: Any) -> Iterator[Result]:
         call = self._pending.pop(ref)
-        call.worker.inflight -= 1
+        self._inflight[call.worker] -= 1
         batch_id = call.batch.batch_id
         try:
             out: BatchResult = ray.get(ref, timeout=0)

@@ -25,9 +25,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from actors.bounds import CopyCeilings, analyse
+from actors.engines import Engines, merge_graph_stats, merge_stats
 from actors.errors import BatchError
 from actors.telemetry import GpuTelemetry, PeriodicThread
 from orchestrator.dispatch import DispatchEvents, WorkerRecord
@@ -214,17 +216,17 @@ class DriverMetrics(DispatchEvents):
         if self.export:
             _metric("worker_deaths_total").inc(1, self.labels[worker])
 
-    def tick(self, workers: list[WorkerRecord]) -> None:
+    def tick(self, inflight: Mapping[WorkerRecord, int]) -> None:
         if not self.export:
             return
         now = time.monotonic()
         if now < self._next_sample:
             return
         self._next_sample = now + self.sample_s
-        for w in workers:
+        for w, count in inflight.items():  # the map being sampled: concurrent maps of other models overwrite
             tags = self.labels[w.name]
-            _metric("batches_inflight").set(w.inflight, tags)
-            _metric("batches_queued").set(max(0, w.inflight - self.depth), tags)
+            _metric("batches_inflight").set(count, tags)
+            _metric("batches_queued").set(max(0, count - self.depth), tags)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """Per worker: its labels and counts."""
@@ -240,10 +242,10 @@ class WorkerMetrics:
     sample; the pipeline itself is not touched. ``close`` stops the thread.
     """
 
-    def __init__(self, labels: dict[str, str], pipeline: Any, telemetry: GpuTelemetry,
+    def __init__(self, labels: dict[str, str], engines: Engines, telemetry: GpuTelemetry,
                  ceilings: CopyCeilings | None, sample_s: float) -> None:
         self.labels = labels
-        self.pipeline = pipeline
+        self.engines = engines
         self.telemetry = telemetry
         self.ceilings = ceilings
         self._seen: dict[tuple[str, str], float] = {}
@@ -266,7 +268,8 @@ class WorkerMetrics:
             self._seen[(short, key)] = total
 
     def sample(self) -> None:
-        stats = self.pipeline.stats
+        pipelines = self.engines.pipelines  # all models and replicas of the worker together
+        stats = merge_stats([p.stats for p in pipelines])
         for stage, ms in list(stats.stage_ms_total.items()):
             self._add("stage_seconds_total", ms / 1e3, self._stage_tags(stage), stage)
         self._add("timed_rows_total", stats.timed_rows, self.labels)
@@ -275,11 +278,11 @@ class WorkerMetrics:
             _metric("stage_capacity_rows_per_second").set(capacity, self._stage_tags(stage))
             _metric("binding_stage").set(float(stage == bound.binding_stage), self._stage_tags(stage))
         _metric("bound_ratio").set(bound.fraction_of_bound, self.labels)
-        graphs = self.pipeline.graphs.stats
-        if graphs.enabled:
-            self._add("graph_replays_total", graphs.replays, self.labels)
-            self._add("graph_eager_batches_total", graphs.eager_batches, self.labels)
-            _metric("graphs_captured").set(graphs.captured, self.labels)
+        graphs = merge_graph_stats([p.graphs.stats for p in pipelines])
+        if graphs["enabled"]:
+            self._add("graph_replays_total", graphs["replays"], self.labels)
+            self._add("graph_eager_batches_total", graphs["eager_batches"], self.labels)
+            _metric("graphs_captured").set(graphs["captured"], self.labels)
         gpu = self.telemetry.read()
         _metric("gpu_telemetry_available").set(float(gpu.available), self.labels)
         for field in ("utilization_ratio", "memory_used_bytes", "memory_total_bytes", "power_watts",

@@ -9,15 +9,16 @@ from orchestrator import RunConfig
 
 RAY_GPUS = 4  # logical GPUs of the test cluster (tests/orchestrator/conftest.py)
 
-def reference(x: np.ndarray, batch_rows: int = 64, source: str = "zoo:tiny_mlp", seed: int = 0) -> np.ndarray:
+def reference(x: np.ndarray, batch_rows: int = 64, source: str = "zoo:tiny_mlp", seed: int = 0,
+              **options) -> np.ndarray:
     """The model's output computed in this process, batch by batch as the workers split it.
 
     Split the same way, on one thread like a Ray worker with one CPU, because
     CPU kernels may round differently for another number of rows or threads;
-    matched, the comparison is bit-exact.
+    matched, the comparison is bit-exact. ``options`` go to ``load_model``.
     """
     torch.manual_seed(seed)
-    built = load_model(source)
+    built = load_model(source, **options)
     outs = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -236,3 +236,44 @@ def test_the_cpu_default_runs_anywhere():
     config = RunConfig.from_yaml(REPO / "configs" / "cpu_default.yaml")
     assert config.model.source == "zoo:tiny_mlp" and config.cluster.address is None
     assert config.input.kind == "synthetic"
+
+
+# -- several models (models:) -----------------------------------------------------------------------
+
+TWO_MODELS = [{"name": "a", "source": "zoo:tiny_mlp"}, {"name": "b", "source": "zoo:mlp", "replicas": 3,
+                                                        "priority": "high"}]
+
+
+def test_models_become_engine_specs_with_windows_per_replica():
+    config = RunConfig.model_validate({"models": TWO_MODELS, "pipeline": {"depth": 2}})
+    assert config.model_names == ["a", "b"] and config.input_model == "a"
+    specs = config.engine_specs()
+    assert [(s["name"], s["replicas"], s["priority"]) for s in specs] == [("a", 1, "normal"), ("b", 3, "high")]
+    assert specs[1]["model"]["source"] == "zoo:mlp" and "name" not in specs[1]["model"]
+    assert (config.window("a"), config.window("b")) == (3, 9)
+    # A dumped config validates again (its model section is the default one).
+    assert RunConfig.model_validate(config.model_dump()) == config
+    one = RunConfig()
+    assert one.model_names == ["default"] and one.engine_specs()[0]["model"] == one.model.model_dump()
+
+
+BAD_MODELS = [
+    ({"model": {"source": "zoo:resnet18"}, "models": TWO_MODELS}, "models: set either model"),
+    ({"models": [TWO_MODELS[0], TWO_MODELS[0]]}, "models: names must be unique; 'a'"),
+    ({"models": [{**TWO_MODELS[1], "replicas": 9}]}, "models.0.replicas: Input should be less than or equal to 8"),
+    ({"models": [{**TWO_MODELS[1], "replicas": 7}, TWO_MODELS[0]]}, "need 18 streams"),
+    ({"models": [{**TWO_MODELS[0], "priority": "urgent"}]}, "models.0.priority"),
+    ({"models": [{**TWO_MODELS[0], "name": "a b"}]}, "models.0.name: String should match pattern"),
+    ({"models": [{"source": "zoo:tiny_mlp"}]}, "models.0.name: Field required"),
+    ({"models": [{**TWO_MODELS[0], "replicsa": 2}]}, "models.0.replicsa: unknown field (did you mean 'replicas'?)"),
+    ({"models": []}, "models: List should have at least 1 item"),
+    ({"models": TWO_MODELS, "decode": {"max_new_tokens": 4}}, "decode: decode runs the one decoder"),
+    ({"models": TWO_MODELS, "input": {"model": "c"}}, "input.model: 'c' is not a model of this config; known: 'a', 'b'"),
+    ({"input": {"model": "a"}}, "input.model: 'a' is not a model of this config; known: 'default'"),
+]
+
+
+@pytest.mark.parametrize("data, message", BAD_MODELS)
+def test_bad_models_sections_are_named(data, message):
+    lines = errors_of(data)
+    assert any(message in line for line in lines), lines

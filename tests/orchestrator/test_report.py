@@ -86,7 +86,10 @@ def test_a_cpu_run_prints_the_table_and_writes_the_summary_and_the_timeline(tmp_
     threads = collections.Counter(e["pid"] for e in trace if e["name"] == "thread_name")
     assert len(threads) == 2 and set(threads.values()) == {4}  # two workers, four tracks each
     names = {e["pid"]: e["args"]["name"] for e in trace if e["name"] == "process_name"}
-    timed = collections.Counter(names[e["pid"]] for e in trace if e["ph"] == "X" and e["cat"] == "compute")
+    # One trace process per model replica, named worker/model#replica.
+    assert set(names.values()) == {"worker-0/default#0", "worker-1/default#0"}
+    timed = collections.Counter(names[e["pid"]].split("/")[0] for e in trace
+                                if e["ph"] == "X" and e["cat"] == "compute")
     # every timed batch (one in two of each worker's) is on the timeline
     assert timed == {w["name"]: (w["batches"] + 1) // 2 for w in report["workers"]}
 
