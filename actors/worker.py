@@ -85,6 +85,7 @@ class GpuWorker:
             device = torch.device("cpu")
             log.warning("worker %s: no CUDA device visible; running on the CPU backend", name)
         self.gpu_ids = [str(g) for g in gpu_ids]
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.streams = StreamManager(device=device)
         try:
             model = dict(model)
@@ -111,7 +112,7 @@ class GpuWorker:
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def ping(self) -> dict[str, Any]:
-        return {"name": self.name, "node": socket.gethostname(), "pid": os.getpid(),
+        return {"name": self.name, "node": socket.gethostname(), "node_id": self.node_id, "pid": os.getpid(),
                 "device": str(self.streams.device), "gpu_ids": self.gpu_ids, "broken": self.pipeline.broken,
                 "model": self.pipeline.name, "input_dtype": self.pipeline.spec.dtype,
                 "input_shape": list(self.pipeline.spec.row_shape)}

@@ -166,7 +166,7 @@ class Orchestrator:
 
     def report(self) -> dict[str, Any]:
         """Throughput, per-worker figures (stage times, bound analysis) and dispatch counters."""
-        per_worker = ray.get([w.actor.stats.remote() for w in self.workers if w.alive])
+        per_worker = ray.get([w.actor.stats.remote() for w in self.workers if w.live])
         dispatch: dict[str, Any] = {}
         for d in self._dispatchers:
             for key, value in vars(d.stats).items():
@@ -182,7 +182,7 @@ class Orchestrator:
 
     def timeline(self) -> list[dict[str, Any]]:
         """Chrome-trace events of every worker (needs ``pipeline.timeline=True``)."""
-        return [e for trace in ray.get([w.actor.timeline.remote() for w in self.workers if w.alive]) for e in trace]
+        return [e for trace in ray.get([w.actor.timeline.remote() for w in self.workers if w.live]) for e in trace]
 
 
 def _await_deaths(actors: list[Any], deadline_s: float) -> None:

@@ -9,6 +9,7 @@ from orchestrator import RunConfig
 
 RAY_GPUS = 4  # logical GPUs of the test cluster (tests/orchestrator/conftest.py)
 
+
 def reference(x: np.ndarray, batch_rows: int = 64, source: str = "zoo:tiny_mlp", seed: int = 0) -> np.ndarray:
     """The model's output computed in this process, batch by batch as the workers split it.
 
@@ -30,6 +31,14 @@ def reference(x: np.ndarray, batch_rows: int = 64, source: str = "zoo:tiny_mlp",
     finally:
         torch.set_num_threads(threads)
     return np.concatenate(outs)
+
+
+def check_exactly_once(results, n_batches: int, x: np.ndarray, batch_rows: int) -> None:
+    """Every batch id 0..n_batches-1 ended once, and the outputs equal the single-process reference."""
+    ids = [r.batch_id for r in results]
+    assert sorted(ids) == list(range(n_batches)), "lost or duplicated batches"
+    got = np.concatenate([r.outputs for r in sorted(results, key=lambda r: r.batch_id)])
+    np.testing.assert_array_equal(got, reference(x, batch_rows=batch_rows))
 
 
 def rows(n: int, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from _util import reference, rows, run_config
+from _util import check_exactly_once, reference, rows, run_config
 
 from orchestrator import BatchError, ModelError, NoWorkersError, Orchestrator, RunConfig
 
@@ -19,13 +19,6 @@ def config(**sections) -> RunConfig:
     return run_config(32, **sections)
 
 
-def check_exactly_once(results, n_batches: int, x: np.ndarray) -> None:
-    ids = [r.batch_id for r in results]
-    assert sorted(ids) == list(range(n_batches)), "lost or duplicated batches"
-    got = np.concatenate([r.outputs for r in sorted(results, key=lambda r: r.batch_id)])
-    np.testing.assert_array_equal(got, reference(x, batch_rows=32))
-
-
 def test_worker_process_exits_mid_run_batches_are_redispatched_and_it_rejoins():
     x = rows(32 * 400, seed=1)
     slow = {"delay_s": 0.05}  # long enough a run for the restarted worker to come back
@@ -34,7 +27,7 @@ def test_worker_process_exits_mid_run_batches_are_redispatched_and_it_rejoins():
     with Orchestrator(cfg) as o:
         results = list(o.map(x))
         report = o.report()
-    check_exactly_once(results, 400, x)
+    check_exactly_once(results, 400, x, batch_rows=32)
     d = report["dispatch"]
     assert d["worker_deaths"] >= 1 and d["retried"] >= 1 and d["failed"] == 0
     # Each life of worker-0 runs at most 10 batches: more than 10 means it rejoined after a restart.
@@ -51,7 +44,7 @@ def test_actor_killed_by_ray_mid_run():
             if len(results) == 10:
                 ray.kill(o.workers[1].actor, no_restart=False)
         report = o.report()
-    check_exactly_once(results, 80, x)
+    check_exactly_once(results, 80, x, batch_rows=32)
     assert report["dispatch"]["worker_deaths"] == 1
 
 
@@ -76,7 +69,7 @@ def test_retry_policy_moves_a_failing_batch_to_another_worker():
     with Orchestrator(cfg) as o:
         results = list(o.map(x))
         report = o.report()
-    check_exactly_once(results, 20, x)
+    check_exactly_once(results, 20, x, batch_rows=32)
     assert all(r.worker == "worker-1" for r in results if r.batch_id in (3, 4, 5, 6))
     assert report["dispatch"]["failed"] == 0
 
@@ -147,7 +140,7 @@ def test_worker_killed_every_few_seconds_still_finishes_with_right_results():
             stop.set()
             thread.join()
     assert kills >= 2
-    check_exactly_once(results, 400, x)
+    check_exactly_once(results, 400, x, batch_rows=32)
 
 
 @pytest.mark.slow
