@@ -23,6 +23,7 @@ import torch
 from actors.bounds import analyse, copy_ceilings
 from actors.errors import BatchError, ModelError, PipelineBrokenError
 from actors.models import load_model
+from actors.oom import OomAbove, OomSplitter
 from actors.pipeline import BatchResult, Pipeline, PipelineConfig
 from actors.streams import StreamManager
 
@@ -35,11 +36,13 @@ class _Faults:
     """Injected faults (see orchestrator.config.FaultConfig); all off by default."""
 
     def __init__(self, delay_s: float = 0.0, raise_on_batches: list[int] | None = None,
-                 exit_after_batches: int | None = None, exit_on_batches: list[int] | None = None) -> None:
+                 exit_after_batches: int | None = None, exit_on_batches: list[int] | None = None,
+                 oom_above_rows: int | None = None) -> None:
         self.delay_s = delay_s
         self.raise_on = set(raise_on_batches or ())
         self.exit_after = exit_after_batches
         self.exit_on = set(exit_on_batches or ())
+        self.oom_above_rows = oom_above_rows
         self.seen = 0
         self._lock = threading.Lock()
 
@@ -91,7 +94,10 @@ class GpuWorker:
             model = dict(model)
             torch.manual_seed(model.pop("seed", 0))
             built = load_model(model.pop("source"), **model)
+            if self.faults.oom_above_rows is not None:
+                built.model = OomAbove(built.model, self.faults.oom_above_rows)
             self.pipeline = Pipeline(built, self.streams, PipelineConfig(**pipeline))
+            self.splitter = OomSplitter(self.pipeline, self.pipeline.config.oom_min_rows)
         except BaseException:
             self.streams.close()
             raise
@@ -100,8 +106,7 @@ class GpuWorker:
         """Run one batch; returns when its outputs are back in host memory."""
         try:
             self.faults.before(batch_id)
-            future = self.pipeline.submit(batch_id, resolve_rows(source, start, stop))
-            return future.result()
+            return self.splitter.run(batch_id, resolve_rows(source, start, stop))
         except PipelineBrokenError:
             # The CUDA context is poisoned; only a fresh process recovers. Ray restarts
             # the actor within its budget and the driver re-dispatches this batch.
@@ -123,7 +128,7 @@ class GpuWorker:
         stats = self.pipeline.stats
         out = {"name": self.name, "device": str(self.streams.device), **stats.as_dict(),
                "bound": analyse(stats, copy_ceilings(self.streams.device)).as_dict(),
-               "graphs": self.pipeline.graphs.stats.as_dict()}
+               "graphs": self.pipeline.graphs.stats.as_dict(), "oom": self.splitter.stats()}
         if self.streams.is_cuda:
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.streams.device)
             out["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.streams.device)

@@ -16,10 +16,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import ray
 
 from actors.errors import OrchestratorError
+from actors.pipeline import concat_outputs
 from actors.worker import RemoteGpuWorker
 from orchestrator.config import RunConfig
 from orchestrator.dispatch import Dispatcher, Result, WorkerRecord, in_order
@@ -162,7 +162,7 @@ class Orchestrator:
         results = [r for r in self.map(inputs, ordered=True, batch_rows=batch_rows) if r.error is None]
         if not results:
             return None
-        return _concat([r.outputs for r in results])
+        return concat_outputs([r.outputs for r in results])
 
     def report(self) -> dict[str, Any]:
         """Throughput, per-worker figures (stage times, bound analysis) and dispatch counters."""
@@ -203,15 +203,6 @@ def _await_deaths(actors: list[Any], deadline_s: float) -> None:
             time.sleep(0.05)
     if alive:
         log.warning("%d workers still alive %.0f s after being killed", len(alive), deadline_s)
-
-
-def _concat(outputs: list[Any]) -> Any:
-    first = outputs[0]
-    if isinstance(first, np.ndarray):
-        return np.concatenate(outputs)
-    if isinstance(first, dict):
-        return {k: _concat([o[k] for o in outputs]) for k in first}
-    return type(first)(_concat(list(parts)) for parts in zip(*outputs))
 
 
 def _total_rows(inputs: Any) -> int | None:

@@ -102,6 +102,25 @@ def test_poison_batch_that_kills_every_worker_is_failed_not_looped():
     np.testing.assert_array_equal(good, np.delete(reference(x, batch_rows=32), np.s_[96:128], axis=0))
 
 
+def test_out_of_memory_batches_are_split_reported_and_still_right():
+    # worker-0's model "runs out of memory" above 8 rows: each of its 32-row batches is run as four 8-row parts.
+    x = rows(32 * 24, seed=8)
+    cfg = config(faults={"worker-0": {"oom_above_rows": 8}})
+    with Orchestrator(cfg) as o:
+        results = list(o.map(x))
+        report = o.report()
+    assert sorted(r.batch_id for r in results) == list(range(24))
+    got = np.concatenate([r.outputs for r in sorted(results, key=lambda r: r.batch_id)])
+    np.testing.assert_allclose(got, reference(x, batch_rows=32), rtol=1e-5, atol=1e-6)  # fp32 rounding only
+    split = [r for r in results if r.worker == "worker-0"]
+    assert split, "worker-0 ran no batch"
+    for r in split:  # the same row counts as the 8-row parts: bit-exact
+        np.testing.assert_array_equal(r.outputs, reference(x[32 * r.batch_id:32 * (r.batch_id + 1)], batch_rows=8))
+    oom = {w["name"]: w["oom"]["splits"] for w in report["workers"]}
+    assert oom == {"worker-0": 3 * len(split), "worker-1": 0}  # 32 -> 2x16 -> 4x8
+    assert report["dispatch"]["failed"] == 0 and report["dispatch"]["retried"] == 0
+
+
 def test_leaving_the_context_mid_run_returns_fast_and_leaves_no_actors():
     cfg = config(faults={"worker-0": {"delay_s": 0.5}, "worker-1": {"delay_s": 0.5}})
     o = Orchestrator(cfg)
