@@ -166,7 +166,12 @@ class Orchestrator:
 
     def report(self) -> dict[str, Any]:
         """Throughput, per-worker figures (stage times, bound analysis) and dispatch counters."""
-        per_worker = ray.get([w.actor.stats.remote() for w in self.workers if w.live])
+        per_worker = []
+        for worker, ref in [(w, w.actor.stats.remote()) for w in self.workers if w.live]:
+            try:
+                per_worker.append(ray.get(ref))
+            except ray.exceptions.RayActorError as err:  # died since the last batch; the next run notices
+                log.warning("worker %s did not report: %s", worker.name, str(err).strip().splitlines()[0])
         dispatch: dict[str, Any] = {}
         for d in self._dispatchers:
             for key, value in vars(d.stats).items():

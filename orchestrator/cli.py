@@ -35,6 +35,8 @@ BENCHMARKS = {
     "graphs": ("orchestrator.bench.graphs_bench", "CUDA graphs vs eager in the pipeline, per batch size"),
     "scaling": ("orchestrator.bench.scaling_bench", "1..N GPUs: this project vs hand-written Ray actors vs Ray "
                                                     "Data (--smoke runs without a GPU)"),
+    "faults": ("orchestrator.bench.fault_table", "fault drills on CPU workers with the real Ray: lost, duplicated, "
+                                                 "time to recover (no GPU needed)"),
 }
 
 _SUMMARY_WORKERS = 8  # worker lines in the summary; the rest are in the JSON report

@@ -2,35 +2,15 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from actors.models import load_model
 from orchestrator import RunConfig
+from orchestrator.bench.common import reference_outputs
 
 RAY_GPUS = 4  # logical GPUs of the test cluster (tests/orchestrator/conftest.py)
 
 
 def reference(x: np.ndarray, batch_rows: int = 64, source: str = "zoo:tiny_mlp", seed: int = 0) -> np.ndarray:
-    """The model's output computed in this process, batch by batch as the workers split it.
-
-    Split the same way, on one thread like a Ray worker with one CPU, because
-    CPU kernels may round differently for another number of rows or threads;
-    matched, the comparison is bit-exact.
-    """
-    torch.manual_seed(seed)
-    built = load_model(source)
-    outs = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(x), batch_rows):
-                t = torch.from_numpy(x[start:start + batch_rows])
-                y = built.model(built.preprocess(t) if built.preprocess else t)
-                outs.append((built.postprocess(y) if built.postprocess else y).numpy())
-    finally:
-        torch.set_num_threads(threads)
-    return np.concatenate(outs)
+    return reference_outputs(x, batch_rows, source, seed)
 
 
 def check_exactly_once(results, n_batches: int, x: np.ndarray, batch_rows: int) -> None:

@@ -48,6 +48,16 @@ def test_actor_killed_by_ray_mid_run():
     assert report["dispatch"]["worker_deaths"] == 1
 
 
+def test_report_leaves_out_a_worker_that_died_after_the_run():
+    with Orchestrator(config()) as o:
+        o.run(rows(32 * 4, seed=9))
+        ray.kill(o.workers[1].actor, no_restart=True)  # the driver learns of it only at the next batch
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(o.workers[1].actor.ping.remote(), timeout=30)
+        report = o.report()
+    assert [w["name"] for w in report["workers"]] == ["worker-0"]
+
+
 def test_no_worker_left_fails_clearly_and_keeps_completed_results():
     x = rows(32 * 60, seed=3)
     cfg = config(faults={"worker-0": {"exit_after_batches": 5}, "worker-1": {"exit_after_batches": 5}},
