@@ -25,7 +25,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,7 +76,9 @@ def build_model(model: dict[str, Any]) -> BuiltModel:
 class Engine:
     """One named model with ``spec.replicas`` pipelines on its own streams; ``submit`` is thread-safe."""
 
-    def __init__(self, spec: EngineSpec, streams: StreamManager, config: PipelineConfig) -> None:
+    def __init__(self, spec: EngineSpec, streams: StreamManager, config: PipelineConfig,
+                 wrap_model: Callable[[Any], Any] | None = None) -> None:
+        """``wrap_model`` replaces the built model (fault injection: ``actors.oom.OomAbove``)."""
         self.spec = spec
         self.name = spec.name
         self.priority = StreamPriority[spec.priority.upper()]
@@ -84,6 +86,8 @@ class Engine:
         self._owned: list[Stream] = []
         self.replicas: list[Pipeline] = []
         built = build_model(spec.model)
+        if wrap_model is not None:
+            built.model = wrap_model(built.model)
         self.source, self.model_name = spec.model["source"], built.name
         self.input_spec = built.input_spec
         self.memory: MemoryNeed = fit_model(spec.name, built, config, spec.replicas, streams.device)
@@ -158,7 +162,8 @@ class Engine:
 class Engines:
     """A worker's engines by name; the first is the default. Built in order; closes what it built on failure."""
 
-    def __init__(self, specs: Sequence[EngineSpec], streams: StreamManager, config: PipelineConfig) -> None:
+    def __init__(self, specs: Sequence[EngineSpec], streams: StreamManager, config: PipelineConfig,
+                 wrap_model: Callable[[Any], Any] | None = None) -> None:
         if not specs:
             raise ValueError("Engines needs at least one model")
         names = [s.name for s in specs]
@@ -167,7 +172,7 @@ class Engines:
         self._engines: dict[str, Engine] = {}
         try:
             for spec in specs:
-                self._engines[spec.name] = Engine(spec, streams, config)
+                self._engines[spec.name] = Engine(spec, streams, config, wrap_model)
         except BaseException:
             self.close()
             raise

@@ -60,6 +60,10 @@ class ModelError(BatchError, RuntimeError):
     """The model (or its pre/post-processing) raised on one batch; other batches are unaffected."""
 
 
+class DeviceMemoryError(ModelError):
+    """The device ran out of memory on one batch; the same batch in smaller parts may fit."""
+
+
 class PipelineBrokenError(OrchestratorError, RuntimeError):
     """The device context failed (e.g. a device-side assert); the process must exit to recover."""
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.errors import InputError, ModelError, PipelineBrokenError
+from actors.errors import DeviceMemoryError, InputError, ModelError, PipelineBrokenError
 from actors.graphs import GraphConfig, GraphRunner, buckets_for
 from actors.models import BuiltModel
 from actors.pinning import shared_pinner
@@ -54,10 +54,12 @@ class PipelineConfig:
     timeline: bool = False  # keep per-batch spans for a Chrome-trace timeline (timed batches only)
     graphs: GraphConfig = dataclasses.field(default_factory=GraphConfig)  # CUDA graphs for compute (actors.graphs)
     pin_in_place_gb: float = 16.0  # host memory registered in place for zero-copy H2D (actors.pinning); 0: stage
+    oom_min_rows: int = 1  # a batch out of device memory is halved while both halves keep this many rows (actors.oom)
 
 
     def __post_init__(self) -> None:
-        for name, low in (("depth", 1), ("max_batch_rows", 1), ("staging_threads", 1), ("timing_every", 0)):
+        for name, low in (("depth", 1), ("max_batch_rows", 1), ("staging_threads", 1), ("timing_every", 0),
+                          ("oom_min_rows", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"PipelineConfig.{name} must be an int >= {low}, got {value!r}")
@@ -107,6 +109,16 @@ class BatchResult:
 
 
 # -- output trees: a tensor, or tuples/lists/dicts of them ------------------------------------
+
+def concat_outputs(parts: list[Any]) -> Any:
+    """Concatenate output trees of numpy arrays (tuples, lists or dicts of them) along rows."""
+    first = parts[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts)
+    if isinstance(first, dict):
+        return {k: concat_outputs([p[k] for p in parts]) for k in first}
+    return type(first)(concat_outputs(list(leaves)) for leaves in zip(*parts))
+
 
 def _flatten(obj: Any, path: str = "output") -> tuple[list[torch.Tensor], Any]:
     if isinstance(obj, torch.Tensor):
@@ -292,9 +304,12 @@ class Pipeline:
             try:
                 item = self._enqueue(slot, batch_id, array, rows)
             except BaseException:
-                # The slot's H2D may still be reading its pinned input: let it finish
-                # before the next batch writes there (error path only).
+                # The slot's H2D may still be reading its pinned input, and kernels the model
+                # enqueued before it raised may still be reading the slot's device input: let
+                # both finish before the next batch writes there (error path only).
                 slot.h2d_done.synchronize()
+                slot.compute_done.record(self._compute)
+                slot.compute_done.synchronize()
                 self._free.release()
                 raise
             self._cursor = (self._cursor + 1) % len(self._slots)
@@ -329,6 +344,9 @@ class Pipeline:
         try:
             with streams.use(self._compute), torch.inference_mode():
                 leaves, spec = _flatten(self._compute_fn(slot, rows))
+        except torch.OutOfMemoryError as err:
+            raise DeviceMemoryError(batch_id, f"model {self.name!r} ran out of device memory at {rows} rows: "
+                                              f"{_first_line(err)}") from err
         except Exception as err:
             raise ModelError(batch_id, f"model {self.name!r} raised {type(err).__name__}: {err}") from err
         if spec != self._out_spec or len(leaves) != len(slot.host_out):
@@ -434,6 +452,11 @@ class Pipeline:
     def broken(self) -> str | None:
         """Why the device context is unusable, or None."""
         return self._broken
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 class PipelineStats:

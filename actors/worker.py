@@ -24,6 +24,7 @@ import torch
 from actors.bounds import copy_ceilings
 from actors.engines import EngineSpec, Engines, streams_needed
 from actors.errors import BatchError, InputError, ModelError, PipelineBrokenError, UnknownModelError
+from actors.oom import OomAbove, OomSplitter
 from actors.pinning import pinned_in_place_stats
 from actors.pipeline import BatchResult, PipelineConfig
 from actors.streams import StreamManager
@@ -38,11 +39,13 @@ class _Faults:
     """Injected faults (see orchestrator.config.FaultConfig); all off by default."""
 
     def __init__(self, delay_s: float = 0.0, raise_on_batches: list[int] | None = None,
-                 exit_after_batches: int | None = None, exit_on_batches: list[int] | None = None) -> None:
+                 exit_after_batches: int | None = None, exit_on_batches: list[int] | None = None,
+                 oom_above_rows: int | None = None) -> None:
         self.delay_s = delay_s
         self.raise_on = set(raise_on_batches or ())
         self.exit_after = exit_after_batches
         self.exit_on = set(exit_on_batches or ())
+        self.oom_above_rows = oom_above_rows
         self.seen = 0
         self._lock = threading.Lock()
 
@@ -92,10 +95,15 @@ class GpuWorker:
             device = torch.device("cpu")
             log.warning("worker %s: no CUDA device visible; running on the CPU backend", name)
         self.gpu_ids = [str(g) for g in gpu_ids]
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         specs = [EngineSpec(**m) for m in models]
         self.streams = StreamManager(max_streams=streams_needed([s.replicas for s in specs]), device=device)
         try:
-            self.engines = Engines(specs, self.streams, PipelineConfig(**pipeline))
+            config = PipelineConfig(**pipeline)
+            limit = self.faults.oom_above_rows
+            self.engines = Engines(specs, self.streams, config,
+                                   wrap_model=(lambda m: OomAbove(m, limit)) if limit is not None else None)
+            self.splitters = {e.name: OomSplitter(e, config.oom_min_rows) for e in self.engines}
         except BaseException:
             self.streams.close()
             raise
@@ -125,8 +133,7 @@ class GpuWorker:
                 engine = self.engines.get(model)
             except UnknownModelError as err:
                 raise InputError(batch_id, str(err)) from err
-            future = engine.submit(batch_id, resolve_rows(source, start, stop))
-            return future.result()
+            return self.splitters[engine.name].run(batch_id, resolve_rows(source, start, stop))
         except PipelineBrokenError:
             # The CUDA context is poisoned; only a fresh process recovers. Ray restarts
             # the actor within its budget and the driver re-dispatches this batch.
@@ -140,7 +147,7 @@ class GpuWorker:
         """Identity and health; ``models`` maps each model's name to its input row; the top-level
         ``model``/``input_*`` keys describe the default model."""
         models = {e.name: e.info() for e in self.engines}
-        return {"name": self.name, "node": socket.gethostname(), "pid": os.getpid(),
+        return {"name": self.name, "node": socket.gethostname(), "node_id": self.node_id, "pid": os.getpid(),
                 "device": str(self.streams.device), "gpu_ids": self.gpu_ids, "broken": self.engines.broken,
                 **{k: models[self.engines.default][k] for k in ("model", "input_dtype", "input_shape")},
                 "models": models}
@@ -150,7 +157,9 @@ class GpuWorker:
         """Counters, per-stage times, the bound analysis and device memory of this worker, all models
         together; ``models`` has the same per model."""
         out = {"name": self.name, "device": str(self.streams.device), **self.engines.report(),
-               "telemetry": self.telemetry.read().as_dict(), "pinned_in_place": pinned_in_place_stats()}
+               "telemetry": self.telemetry.read().as_dict(), "pinned_in_place": pinned_in_place_stats(),
+               "oom": {"splits": sum(s.splits for s in self.splitters.values()),
+                       "min_rows": next(iter(self.splitters.values())).min_rows}}
         if self.streams.is_cuda:
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.streams.device)
             out["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.streams.device)

@@ -16,11 +16,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import ray
 
 from actors.decode_worker import RemoteDecodeWorker
 from actors.errors import OrchestratorError, UnknownModelError
+from actors.pipeline import concat_outputs
 from actors.worker import RemoteGpuWorker
 from orchestrator.config import RunConfig
 from orchestrator.dispatch import Dispatcher, Result, WorkerRecord, in_order
@@ -199,7 +199,7 @@ class Orchestrator:
         results = [r for r in self.map(inputs, ordered=True, batch_rows=batch_rows, model=model) if r.error is None]
         if not results:
             return None
-        return _concat([r.outputs for r in results])
+        return concat_outputs([r.outputs for r in results])
 
     def _model_name(self, model: str | None) -> str:
         names = self.config.model_names
@@ -211,7 +211,12 @@ class Orchestrator:
 
     def report(self) -> dict[str, Any]:
         """Throughput, per-worker figures (stage times, bound analysis), per-model totals and dispatch counters."""
-        per_worker = ray.get([w.actor.stats.remote() for w in self.workers if w.alive])
+        per_worker = []
+        for worker, ref in [(w, w.actor.stats.remote()) for w in self.workers if w.live]:
+            try:
+                per_worker.append(ray.get(ref))
+            except ray.exceptions.RayActorError as err:  # died since the last batch; the next run notices
+                log.warning("worker %s did not report: %s", worker.name, str(err).strip().splitlines()[0])
         dispatch: dict[str, Any] = {}
         for d in self._dispatchers:
             for key, value in vars(d.stats).items():
@@ -230,7 +235,7 @@ class Orchestrator:
 
     def timeline(self) -> list[dict[str, Any]]:
         """Chrome-trace events of every worker (needs ``pipeline.timeline=True``)."""
-        return [e for trace in ray.get([w.actor.timeline.remote() for w in self.workers if w.alive]) for e in trace]
+        return [e for trace in ray.get([w.actor.timeline.remote() for w in self.workers if w.live]) for e in trace]
 
 
 def _per_model(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
@@ -265,15 +270,6 @@ def _await_deaths(actors: list[Any], deadline_s: float) -> None:
             time.sleep(0.05)
     if alive:
         log.warning("%d workers still alive %.0f s after being killed", len(alive), deadline_s)
-
-
-def _concat(outputs: list[Any]) -> Any:
-    first = outputs[0]
-    if isinstance(first, np.ndarray):
-        return np.concatenate(outputs)
-    if isinstance(first, dict):
-        return {k: _concat([o[k] for o in outputs]) for k in first}
-    return type(first)(_concat(list(parts)) for parts in zip(*outputs))
 
 
 def _total_rows(inputs: Any) -> int | None:

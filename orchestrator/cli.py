@@ -42,6 +42,8 @@ BENCHMARKS = {
                                                     "Data (--smoke runs without a GPU)"),
     "decode": ("orchestrator.bench.decode_bench", "decode tokens/s: naive vs synced vs interleaved loops "
                                                   "(--quick runs without a GPU)"),
+    "faults": ("orchestrator.bench.fault_table", "fault drills on CPU workers with the real Ray: lost, duplicated, "
+                                                 "time to recover (no GPU needed)"),
 }
 
 _SUMMARY_WORKERS = 8  # worker lines in the summary; the rest are in the JSON report

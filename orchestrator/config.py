@@ -106,6 +106,8 @@ class PipelineSettings(_Strict):
     check_finite: bool = Field(False, description="reject batches with NaN/inf before any device work")
     timing_every: int = Field(16, ge=0, description="time one batch in N with CUDA events (0: never)")
     timeline: bool = Field(False, description="keep per-batch spans for a Chrome trace")
+    oom_min_rows: int = Field(1, ge=1, description="a batch that runs the device out of memory is halved and "
+                                                   "retried while both halves keep this many rows")
     graphs: GraphSettings = Field(default_factory=GraphSettings)
     pin_in_place_gb: float = Field(16.0, ge=0, description="host memory (Ray's object store, large arrays) registered "
                                                            "with CUDA so batches are copied in without staging; "
@@ -251,6 +253,9 @@ class FaultConfig(_Strict):
     exit_on_batches: list[int] = Field(default_factory=list,
                                        description="the worker process exits when it receives these batch ids "
                                                    "(a poison batch)")
+    oom_above_rows: int | None = Field(None, ge=2, description="the model raises torch.OutOfMemoryError on calls "
+                                                               "with more rows (at least 2: the worker probes its "
+                                                               "model with 2 rows at start-up)")
 
 
 class RunConfig(_Strict):

@@ -69,6 +69,11 @@ class WorkerRecord:
     probe: Any = None  # an ObjectRef of ping() while the worker is suspected dead
     probe_since: float = 0.0
 
+    @property
+    def live(self) -> bool:
+        """Alive and not suspected dead: it may be given batches."""
+        return self.alive and self.probe is None
+
 
 @dataclasses.dataclass
 class _Call:
@@ -167,10 +172,10 @@ class Dispatcher:
         exhausted = False
         while True:
             exhausted = self._fill(source, exhausted)
+            if not self._pending and exhausted and not self._retry:
+                return  # a worker still restarting is no reason to wait; the next run goes on probing it
             probes = {w.probe: w for w in self.workers if w.probe is not None}
             if not self._pending and not probes:
-                if exhausted and not self._retry:
-                    return
                 if not self._live():
                     raise NoWorkersError(self._death_summary())
                 continue
@@ -187,7 +192,7 @@ class Dispatcher:
             self.events.tick({w: self._inflight[w] for w in self.workers})
 
     def _live(self) -> list[WorkerRecord]:
-        return [w for w in self.workers if w.alive and w.probe is None]
+        return [w for w in self.workers if w.live]
 
     def _fill(self, source: Iterator[Batch], exhausted: bool) -> bool:
         """Dispatch until every live worker's window is full; returns whether the source is exhausted."""
@@ -287,7 +292,7 @@ class Dispatcher:
         Every batch in flight on a worker that dies is counted, since which one killed it is unknown.
         """
         worker, batch = call.worker, call.batch
-        if worker.alive and worker.probe is None:
+        if worker.live:
             worker.deaths += 1
             self.stats.worker_deaths += 1
             self.events.worker_died(worker.name)
@@ -320,7 +325,7 @@ class Dispatcher:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for call in list(self._pending.values()):
-            if now - call.started > self.batch_timeout_s and call.worker.alive and call.worker.probe is None:
+            if now - call.started > self.batch_timeout_s and call.worker.live:
                 self.stats.hung_batches += 1
                 log.error("batch %d on worker %s exceeded batch_timeout_s=%.0f; killing the worker",
                           call.batch.batch_id, call.worker.name, self.batch_timeout_s)

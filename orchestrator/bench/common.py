@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -60,3 +61,30 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
     return "" if v is None else str(v)
+
+
+def reference_outputs(x: np.ndarray, batch_rows: int, source: str = "zoo:tiny_mlp", seed: int = 0,
+                      **options: Any) -> np.ndarray:
+    """The model's outputs computed in this process, batch by batch as the workers split ``x``;
+    ``options`` go to ``load_model``.
+
+    Split the same way, on one thread like a Ray worker with one CPU, because
+    CPU kernels may round differently for another number of rows or threads;
+    matched, the comparison is bit-exact.
+    """
+    from actors.models import load_model
+
+    torch.manual_seed(seed)
+    built = load_model(source, **options)
+    outs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_rows):
+                t = torch.from_numpy(x[start:start + batch_rows])
+                y = built.model(built.preprocess(t) if built.preprocess else t)
+                outs.append((built.postprocess(y) if built.postprocess else y).numpy())
+    finally:
+        torch.set_num_threads(threads)
+    return np.concatenate(outs)

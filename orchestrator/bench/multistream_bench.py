@@ -48,14 +48,15 @@ _POOL = 8  # distinct host arrays fed round-robin, so no run re-reads one cached
 _THINK_S = 0.002  # the latency probe's pause between batches
 
 
-def _workload(smoke: bool) -> dict[str, Any]:
+def _workload(smoke: bool, model: str, batch: int) -> dict[str, Any]:
     if smoke:
         small = {"source": "zoo:tiny_mlp"}
         return {"small": small, "flood": small, "batch": 8, "flood_batch": 64, "graphs": False,
                 "batches": 64, "probes": 20, "repeats": 2}
     image = {"dtype": "bfloat16", "channels_last": True}
-    return {"small": {"source": "zoo:resnet18", **image}, "flood": {"source": "zoo:resnet50", **image},
-            "batch": 8, "flood_batch": 64, "graphs": True, "batches": 1500, "probes": 300, "repeats": 5}
+    return {"small": {"source": model, **image}, "flood": {"source": "zoo:resnet50", **image},
+            "batch": batch, "flood_batch": 64, "graphs": True, "batches": max(200, 12_000 // batch),
+            "probes": 300, "repeats": 5}
 
 
 def _pool(spec, rows: int, seed: int) -> list[np.ndarray]:
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--window", type=int, default=4, help="batches each feeder thread keeps in flight")
     parser.add_argument("--depth", type=int, default=3, help="ring slots per replica")
+    parser.add_argument("--model", default="zoo:resnet18", help="the small model (a zoo image model)")
+    parser.add_argument("--batch", type=int, default=8, help="its batch rows")
     parser.add_argument("--smoke", action="store_true", help="tiny MLPs on the CPU backend (checks the script only)")
     parser.add_argument("--out", default="docs/results/multistream.json")
     args = parser.parse_args(argv)
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         cudnn.benchmark = True  # as the workers do
     else:
         raise SystemExit("multistream_bench needs a CUDA device (or --smoke)")
-    work = _workload(args.smoke)
+    work = _workload(args.smoke, args.model, args.batch)
     rows = throughput(work, device, args.window, args.depth)
     print_table(rows, ["streams", "rows_per_s", "batches_per_s", "speedup", "parity_mismatch"])
     latency_rows, flood_info = priority(work, device, args.window, args.depth)

@@ -247,7 +247,8 @@ def test_cuda_timeline_shows_h2d_overlapping_compute():
     """Batch n+1's H2D runs while batch n computes: the point of the pipeline."""
     torch.manual_seed(0)
     # Narrow outputs: copying 32 MiB of outputs out per batch would make the host, not the GPU, the pace-setter.
-    model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(8)], nn.Linear(2048, 16)).eval()
+    # Compute (32 layers, ~20 ms a batch) well above host staging (~7 ms for 32 MiB), so the GPU sets the pace.
+    model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(32)], nn.Linear(2048, 16)).eval()
     b = BuiltModel(model=model, input_spec=InputSpec("float32", (2048,)), preprocess=None, postprocess=None, name="wide")
     data = batches([4096] * 12, seed=2)
     data = [(i, np.random.default_rng(i).standard_normal((4096, 2048)).astype(np.float32)) for i, _ in data]

@@ -2,35 +2,25 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from actors.models import load_model
 from orchestrator import RunConfig
+from orchestrator.bench.common import reference_outputs
 
 RAY_GPUS = 4  # logical GPUs of the test cluster (tests/orchestrator/conftest.py)
 
+
 def reference(x: np.ndarray, batch_rows: int = 64, source: str = "zoo:tiny_mlp", seed: int = 0,
               **options) -> np.ndarray:
-    """The model's output computed in this process, batch by batch as the workers split it.
+    """The single-process reference (``reference_outputs``); ``options`` go to ``load_model``."""
+    return reference_outputs(x, batch_rows, source, seed, **options)
 
-    Split the same way, on one thread like a Ray worker with one CPU, because
-    CPU kernels may round differently for another number of rows or threads;
-    matched, the comparison is bit-exact. ``options`` go to ``load_model``.
-    """
-    torch.manual_seed(seed)
-    built = load_model(source, **options)
-    outs = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(x), batch_rows):
-                t = torch.from_numpy(x[start:start + batch_rows])
-                y = built.model(built.preprocess(t) if built.preprocess else t)
-                outs.append((built.postprocess(y) if built.postprocess else y).numpy())
-    finally:
-        torch.set_num_threads(threads)
-    return np.concatenate(outs)
+
+def check_exactly_once(results, n_batches: int, x: np.ndarray, batch_rows: int) -> None:
+    """Every batch id 0..n_batches-1 ended once, and the outputs equal the single-process reference."""
+    ids = [r.batch_id for r in results]
+    assert sorted(ids) == list(range(n_batches)), "lost or duplicated batches"
+    got = np.concatenate([r.outputs for r in sorted(results, key=lambda r: r.batch_id)])
+    np.testing.assert_array_equal(got, reference(x, batch_rows=batch_rows))
 
 
 def rows(n: int, seed: int = 0) -> np.ndarray:

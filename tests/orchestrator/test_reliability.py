@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from _util import reference, rows, run_config
+from _util import check_exactly_once, reference, rows, run_config
 
 from orchestrator import BatchError, ModelError, NoWorkersError, Orchestrator, RunConfig
 
@@ -19,13 +19,6 @@ def config(**sections) -> RunConfig:
     return run_config(32, **sections)
 
 
-def check_exactly_once(results, n_batches: int, x: np.ndarray) -> None:
-    ids = [r.batch_id for r in results]
-    assert sorted(ids) == list(range(n_batches)), "lost or duplicated batches"
-    got = np.concatenate([r.outputs for r in sorted(results, key=lambda r: r.batch_id)])
-    np.testing.assert_array_equal(got, reference(x, batch_rows=32))
-
-
 def test_worker_process_exits_mid_run_batches_are_redispatched_and_it_rejoins():
     x = rows(32 * 400, seed=1)
     slow = {"delay_s": 0.05}  # long enough a run for the restarted worker to come back
@@ -34,7 +27,7 @@ def test_worker_process_exits_mid_run_batches_are_redispatched_and_it_rejoins():
     with Orchestrator(cfg) as o:
         results = list(o.map(x))
         report = o.report()
-    check_exactly_once(results, 400, x)
+    check_exactly_once(results, 400, x, batch_rows=32)
     d = report["dispatch"]
     assert d["worker_deaths"] >= 1 and d["retried"] >= 1 and d["failed"] == 0
     # Each life of worker-0 runs at most 10 batches: more than 10 means it rejoined after a restart.
@@ -51,8 +44,18 @@ def test_actor_killed_by_ray_mid_run():
             if len(results) == 10:
                 ray.kill(o.workers[1].actor, no_restart=False)
         report = o.report()
-    check_exactly_once(results, 80, x)
+    check_exactly_once(results, 80, x, batch_rows=32)
     assert report["dispatch"]["worker_deaths"] == 1
+
+
+def test_report_leaves_out_a_worker_that_died_after_the_run():
+    with Orchestrator(config()) as o:
+        o.run(rows(32 * 4, seed=9))
+        ray.kill(o.workers[1].actor, no_restart=True)  # the driver learns of it only at the next batch
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(o.workers[1].actor.ping.remote(), timeout=30)
+        report = o.report()
+    assert [w["name"] for w in report["workers"]] == ["worker-0"]
 
 
 def test_no_worker_left_fails_clearly_and_keeps_completed_results():
@@ -76,7 +79,7 @@ def test_retry_policy_moves_a_failing_batch_to_another_worker():
     with Orchestrator(cfg) as o:
         results = list(o.map(x))
         report = o.report()
-    check_exactly_once(results, 20, x)
+    check_exactly_once(results, 20, x, batch_rows=32)
     assert all(r.worker == "worker-1" for r in results if r.batch_id in (3, 4, 5, 6))
     assert report["dispatch"]["failed"] == 0
 
@@ -107,6 +110,25 @@ def test_poison_batch_that_kills_every_worker_is_failed_not_looped():
     assert isinstance(failed[0].error, BatchError) and "2 workers died running this batch" in str(failed[0].error)
     good = np.concatenate([r.outputs for r in sorted(results, key=lambda r: r.batch_id) if r.error is None])
     np.testing.assert_array_equal(good, np.delete(reference(x, batch_rows=32), np.s_[96:128], axis=0))
+
+
+def test_out_of_memory_batches_are_split_reported_and_still_right():
+    # worker-0's model "runs out of memory" above 8 rows: each of its 32-row batches is run as four 8-row parts.
+    x = rows(32 * 24, seed=8)
+    cfg = config(faults={"worker-0": {"oom_above_rows": 8}})
+    with Orchestrator(cfg) as o:
+        results = list(o.map(x))
+        report = o.report()
+    assert sorted(r.batch_id for r in results) == list(range(24))
+    got = np.concatenate([r.outputs for r in sorted(results, key=lambda r: r.batch_id)])
+    np.testing.assert_allclose(got, reference(x, batch_rows=32), rtol=1e-5, atol=1e-6)  # fp32 rounding only
+    split = [r for r in results if r.worker == "worker-0"]
+    assert split, "worker-0 ran no batch"
+    for r in split:  # the same row counts as the 8-row parts: bit-exact
+        np.testing.assert_array_equal(r.outputs, reference(x[32 * r.batch_id:32 * (r.batch_id + 1)], batch_rows=8))
+    oom = {w["name"]: w["oom"]["splits"] for w in report["workers"]}
+    assert oom == {"worker-0": 3 * len(split), "worker-1": 0}  # 32 -> 2x16 -> 4x8
+    assert report["dispatch"]["failed"] == 0 and report["dispatch"]["retried"] == 0
 
 
 def test_leaving_the_context_mid_run_returns_fast_and_leaves_no_actors():
@@ -147,7 +169,7 @@ def test_worker_killed_every_few_seconds_still_finishes_with_right_results():
             stop.set()
             thread.join()
     assert kills >= 2
-    check_exactly_once(results, 400, x)
+    check_exactly_once(results, 400, x, batch_rows=32)
 
 
 @pytest.mark.slow
