@@ -31,6 +31,7 @@ def copy_ceilings(device: torch.device) -> CopyCeilings | None:
     host = torch.empty(_CEILING_BYTES, dtype=torch.uint8, pin_memory=True).random_()
     dev = torch.empty(_CEILING_BYTES, dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # the buffers were made on the current stream
 
     def rate(dst: torch.Tensor, src: torch.Tensor) -> float:
         times = []

@@ -266,7 +266,10 @@ class GraphRunner:
         try:
             if self._side is None:
                 # One side stream for every warm-up and capture: captured cuBLAS calls keep its workspace.
-                self._side = torch.cuda.Stream(device)
+                # Its priority is the compute stream's: torch instantiates graphs with
+                # cudaGraphInstantiateFlagUseNodePriority (pytorch#167346), so replayed kernels run at the
+                # priority they were captured at, not at that of the stream they are replayed on.
+                self._side = torch.cuda.Stream(device, priority=self._compute.priority)
                 self._pool = torch.cuda.graph_pool_handle()
             self._side.wait_stream(torch.cuda.current_stream(device))
             self._side.wait_stream(self._compute)

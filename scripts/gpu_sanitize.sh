@@ -46,7 +46,9 @@ racecheck = {"tool": (d / "racecheck_tool.txt").read_text().strip() if (d / "rac
 for log in sorted(d.glob("racecheck_*.log")):
     text = log.read_text(errors="replace")
     hazards = re.search(r"RACECHECK SUMMARY: (\d+) hazard", text)
-    errors = re.search(r"ERROR SUMMARY: (\d+) error", text)
+    # racecheck prints its error count inside its summary line: "0 hazards displayed (0 errors, 0 warnings)"
+    errors = (re.search(r"ERROR SUMMARY: (\d+) error", text)
+              or re.search(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", text))
     name = log.stem.removeprefix("racecheck_")
     run = d / f"pipeline_run_{name}.json"
     outputs_ok = json.loads(run.read_text())["ok"] if run.exists() else False

@@ -252,7 +252,9 @@ def test_cuda_timeline_shows_h2d_overlapping_compute():
     b = BuiltModel(model=model, input_spec=InputSpec("float32", (2048,)), preprocess=None, postprocess=None, name="wide")
     data = batches([4096] * 12, seed=2)
     data = [(i, np.random.default_rng(i).standard_normal((4096, 2048)).astype(np.float32)) for i, _ in data]
-    cfg = PipelineConfig(depth=3, max_batch_rows=4096, timing_every=1, timeline=True)
+    # Depth 2: batch n+1 takes the slot batch n-1 frees, so its H2D falls inside compute of batch n
+    # (with depth 3 and the GPU setting the pace, it runs a batch earlier still, inside compute of n-1).
+    cfg = PipelineConfig(depth=2, max_batch_rows=4096, timing_every=1, timeline=True)
     with StreamManager(device="cuda") as sm, Pipeline(b, sm, cfg) as p:
         list(p.map(data))
         spans = {(bid, s): (a, z) for bid, s, a, z in p.timeline.spans}
