@@ -201,6 +201,7 @@ class Pipeline:
         self.name = built.name
         self.spec = built.input_spec
         self._in_dtype = np.dtype(self.spec.dtype)
+        self._row_shape = tuple(self.spec.row_shape)
         self._compute_fn = self._eager_compute
         self._built = built.to(self.device)
         lanes = lanes or PipelineStreams.builtin(streams)
@@ -273,8 +274,8 @@ class Pipeline:
             array = array.numpy()
         elif not isinstance(array, np.ndarray):
             raise InputError(batch_id, f"expected a numpy array or torch tensor, got {type(array).__name__}")
-        expected = f"{self._in_dtype.name} (N, {', '.join(map(str, self.spec.row_shape))})"
-        if array.dtype != self._in_dtype or array.shape[1:] != tuple(self.spec.row_shape) or array.ndim == 0:
+        if array.dtype != self._in_dtype or array.shape[1:] != self._row_shape or array.ndim == 0:
+            expected = f"{self._in_dtype.name} (N, {', '.join(map(str, self._row_shape))})"
             raise InputError(batch_id, f"expected {expected}, got {array.dtype.name} {tuple(array.shape)}")
         rows = array.shape[0]
         if rows == 0:

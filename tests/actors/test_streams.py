@@ -210,6 +210,24 @@ def _timed(fn) -> float:
 
 
 @pytest.mark.gpu
+def test_use_sets_the_current_stream_nests_and_restores_on_error():
+    with StreamManager(device="cuda") as manager:
+        a, b = manager.create_stream(), manager.create_stream()
+        outer = torch.cuda.current_stream()
+        with manager.use(a):
+            assert torch.cuda.current_stream() == a
+            with pytest.raises(RuntimeError, match="inner"):
+                with manager.use(b):
+                    assert torch.cuda.current_stream() == b
+                    raise RuntimeError("inner")
+            assert torch.cuda.current_stream() == a
+            x = torch.ones(4, device="cuda") * 3  # queued on a
+        assert torch.cuda.current_stream() == outer
+        a.synchronize()
+        assert x.sum().item() == 12
+
+
+@pytest.mark.gpu
 def test_two_streams_really_overlap():
     with StreamManager(device="cuda") as manager:
         a, b = manager.create_stream(), manager.create_stream()
