@@ -73,10 +73,12 @@ if ! "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 echo "== 1/2 pipeline, graph and OOM-split GPU tests under TORCH_CUDA_SANITIZER=1 -> $dir/csan_pytest.log" >&2
-# Left out: a test that times how fast the host enqueues, which the sanitizer's per-launch bookkeeping slows.
+# Left out: two tests of timing (how fast the host enqueues; where H2D falls against compute in a
+# timeline), which the sanitizer's per-launch bookkeeping on the host changes.
 TORCH_CUDA_SANITIZER=1 ORCH_GPU_TESTS=1 timeout 240 "$python" -m pytest -m gpu -p no:cacheprovider -q \
     tests/actors/test_pipeline.py tests/actors/test_graphs.py tests/actors/test_oom.py tests/actors/test_sanitizer.py \
     --deselect tests/actors/test_graphs.py::test_replay_path_never_waits_on_the_device \
+    --deselect tests/actors/test_pipeline.py::test_cuda_timeline_shows_h2d_overlapping_compute \
     --junitxml="$dir/csan_junit.xml" >"$dir/csan_pytest.log" 2>&1
 echo "   pytest exit code $?" >&2
 

@@ -84,8 +84,10 @@ def test_the_dashboards_readme_documents_every_metric_with_its_kind_and_extra_la
 @pytest.fixture(scope="module")
 def metrics_port():
     """A Ray of this module's own, exporting metrics on a known port every second."""
-    # Ray's metrics agent runs only with ray[default]'s dependencies (the GPU machine's Ray bundle lacks them).
-    pytest.importorskip("aiohttp", reason="Ray's metrics agent needs ray[default] (aiohttp)")
+    # Ray's metrics agent runs only with ray[default]'s dependencies (the GPU machine's Ray bundle lacks
+    # some of them); ray._private.metrics_agent imports opencensus and prometheus_client.
+    for module in ("aiohttp", "opencensus", "prometheus_client"):
+        pytest.importorskip(module, reason=f"Ray's metrics agent needs ray[default] ({module})")
     if ray.is_initialized():
         ray.shutdown()
     with socket.socket() as s:
