@@ -99,3 +99,9 @@ class ModelMemoryError(OrchestratorError, RuntimeError):
         return (f"model {self.model!r} does not fit on {self.device}: needs about {self.need_bytes / gib:.2f} GiB "
                 f"({self.detail}), {self.free_bytes / gib:.2f} GiB usable; lower its replicas, "
                 f"pipeline.max_batch_rows or pipeline.depth, or give it a GPU of its own")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's text (Ray's and CUDA's run on with tracebacks and hints), or its type."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

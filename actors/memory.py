@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from actors.errors import ModelMemoryError
+from actors.errors import ModelMemoryError, first_line
 from actors.models import BuiltModel, InputSpec
 from actors.pipeline import PipelineConfig
 
@@ -131,7 +131,7 @@ def fit_model(name: str, built: BuiltModel, config: PipelineConfig, replicas: in
         torch.cuda.empty_cache()
         raise ModelMemoryError(name, str(device), need.total_bytes, usable,
                                f"{need.describe()}; ran out of memory moving it or running one batch of "
-                               f"{config.max_batch_rows} rows: {str(err).splitlines()[0]}") from err
+                               f"{config.max_batch_rows} rows: {first_line(err)}") from err
     need = dataclasses.replace(need, activation_bytes=activations,
                                slot_bytes=slot_bytes(built.input_spec, config, out_row_bytes))
     try:

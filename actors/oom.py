@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from actors.engines import Engine
 from actors.errors import DeviceMemoryError
 from actors.pipeline import BatchResult, Pipeline, concat_outputs
 
@@ -25,12 +26,13 @@ log = logging.getLogger(__name__)
 
 
 class OomSplitter:
-    """Runs batches through a pipeline, halving any that runs the device out of memory; thread-safe."""
+    """Runs batches through an engine (or one pipeline), halving any that runs the device out of memory;
+    thread-safe."""
 
-    def __init__(self, pipeline: Pipeline, min_rows: int = 1) -> None:
+    def __init__(self, runner: Engine | Pipeline, min_rows: int = 1) -> None:
         if min_rows < 1:
             raise ValueError(f"min_rows must be >= 1, got {min_rows}")
-        self.pipeline = pipeline
+        self.runner = runner
         self.min_rows = min_rows
         self.splits = 0  # halvings done, over every batch
         self._lock = threading.Lock()
@@ -38,7 +40,7 @@ class OomSplitter:
     def run(self, batch_id: int, rows: np.ndarray | torch.Tensor) -> BatchResult:
         """Run one batch; returns when its outputs (all its rows, in order) are in host memory."""
         try:
-            return self.pipeline.submit(batch_id, rows).result()
+            return self.runner.submit(batch_id, rows).result()
         except DeviceMemoryError as err:
             n = len(rows)
             if n < 2 * self.min_rows:
@@ -58,7 +60,7 @@ class OomSplitter:
         if first:
             log.warning("pipeline %s: batch %d ran out of device memory at %d rows; splitting it in halves (down to "
                         "%d rows). Later splits are counted in the worker's stats, not logged.",
-                        self.pipeline.name, batch_id, rows, self.min_rows)
+                        self.runner.name, batch_id, rows, self.min_rows)
 
     def stats(self) -> dict[str, int]:
         return {"splits": self.splits, "min_rows": self.min_rows}

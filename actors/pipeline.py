@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.errors import DeviceMemoryError, InputError, ModelError, PipelineBrokenError
+from actors.errors import DeviceMemoryError, InputError, ModelError, PipelineBrokenError, first_line
 from actors.graphs import GraphConfig, GraphRunner, buckets_for
 from actors.models import BuiltModel
 from actors.pinning import shared_pinner
@@ -347,7 +347,7 @@ class Pipeline:
                 leaves, spec = _flatten(self._compute_fn(slot, rows))
         except torch.OutOfMemoryError as err:
             raise DeviceMemoryError(batch_id, f"model {self.name!r} ran out of device memory at {rows} rows: "
-                                              f"{_first_line(err)}") from err
+                                              f"{first_line(err)}") from err
         except Exception as err:
             raise ModelError(batch_id, f"model {self.name!r} raised {type(err).__name__}: {err}") from err
         if spec != self._out_spec or len(leaves) != len(slot.host_out):
@@ -453,11 +453,6 @@ class Pipeline:
     def broken(self) -> str | None:
         """Why the device context is unusable, or None."""
         return self._broken
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 class PipelineStats:

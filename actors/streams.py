@@ -145,7 +145,6 @@ class StreamManager:
         self._compute = self._new_stream(StreamPriority.HIGH)
         self._copy = (self._new_stream(StreamPriority.NORMAL), self._new_stream(StreamPriority.NORMAL))
 
-
     def priority_value(self, priority: StreamPriority) -> int:
         """The backend's numeric priority for ``priority`` (lower is higher on CUDA)."""
         return self._priorities[StreamPriority(priority)]

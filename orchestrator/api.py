@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from actors.decode_worker import RemoteDecodeWorker
-from actors.errors import OrchestratorError, UnknownModelError
+from actors.errors import OrchestratorError, UnknownModelError, first_line
 from actors.pipeline import concat_outputs
 from actors.worker import RemoteGpuWorker
 from orchestrator.config import RunConfig
@@ -216,7 +216,7 @@ class Orchestrator:
             try:
                 per_worker.append(ray.get(ref))
             except ray.exceptions.RayActorError as err:  # died since the last batch; the next run notices
-                log.warning("worker %s did not report: %s", worker.name, str(err).strip().splitlines()[0])
+                log.warning("worker %s did not report: %s", worker.name, first_line(err))
         dispatch: dict[str, Any] = {}
         for d in self._dispatchers:
             for key, value in vars(d.stats).items():

@@ -23,6 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from actors.errors import InputError
+from actors.pipeline import concat_outputs
 from orchestrator.config import InputConfig, RunConfig, describe_errors
 from orchestrator.report import chrome_trace, render, summarize
 
@@ -437,14 +438,12 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) ->
 
 def _columns(outputs: list[Any]) -> dict[str, np.ndarray]:
     """Named output columns, rows concatenated: ``output``, or ``output_0``.. for a tuple, ``output_KEY`` for a dict."""
-    first = outputs[0]
-    if isinstance(first, np.ndarray):
-        return {"output": np.concatenate(outputs)}
-    if isinstance(first, (tuple, list)):
-        return {f"output_{i}": np.concatenate([o[i] for o in outputs]) for i in range(len(first))}
-    if isinstance(first, dict):
-        return {f"output_{k}": np.concatenate([o[k] for o in outputs]) for k in first}
-    raise ValueError(f"cannot write outputs of type {type(first).__name__}")
+    if not isinstance(outputs[0], (np.ndarray, tuple, list, dict)):
+        raise ValueError(f"cannot write outputs of type {type(outputs[0]).__name__}")
+    merged = concat_outputs(outputs)
+    if isinstance(merged, np.ndarray):
+        return {"output": merged}
+    return {f"output_{k}": v for k, v in (merged.items() if isinstance(merged, dict) else enumerate(merged))}
 
 
 def _check_writable(path: str, outputs: Any) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-from actors.errors import BatchError, InputError, ModelError, OrchestratorError
+from actors.errors import BatchError, InputError, ModelError, OrchestratorError, first_line
 from actors.pipeline import BatchResult
 from orchestrator.sources import Batch
 
@@ -158,7 +158,8 @@ class Dispatcher:
         self.model = model
         self.stats = DispatchStats()
         self.events = events or DispatchEvents()
-        self._inflight: collections.Counter[WorkerRecord] = collections.Counter()  # this dispatcher's batches
+        # This dispatcher's batches in flight, every worker present (0 too): handed to events.tick as is.
+        self._inflight: collections.Counter[WorkerRecord] = collections.Counter({w: 0 for w in workers})
         self._pending: dict[Any, _Call] = {}
         self._retry: collections.deque[Batch] = collections.deque()
         self._attempts: collections.Counter[int] = collections.Counter()
@@ -189,7 +190,7 @@ class Dispatcher:
                 else:
                     yield from self._collect(ref)
             self._check_deadlines()
-            self.events.tick({w: self._inflight[w] for w in self.workers})
+            self.events.tick(self._inflight)
 
     def _live(self) -> list[WorkerRecord]:
         return [w for w in self.workers if w.live]
@@ -241,7 +242,7 @@ class Dispatcher:
         except RayTaskError as err:
             cause = err.cause
             if not isinstance(cause, BatchError):
-                cause = ModelError(batch_id, f"{type(cause).__name__}: {_first_line(cause)}", call.worker.name)
+                cause = ModelError(batch_id, f"{type(cause).__name__}: {first_line(cause)}", call.worker.name)
             yield from self._failed(call, cause)
             return
         if not self._ledger.end(batch_id):
@@ -296,7 +297,7 @@ class Dispatcher:
             worker.deaths += 1
             self.stats.worker_deaths += 1
             self.events.worker_died(worker.name)
-            log.warning("worker %s died (%s); re-dispatching its batches", worker.name, _first_line(err))
+            log.warning("worker %s died (%s); re-dispatching its batches", worker.name, first_line(err))
             worker.probe, worker.probe_since = worker.actor.ping.remote(), time.monotonic()
         self._attempts[batch.batch_id] += 1
         deaths = self._attempts[batch.batch_id]
@@ -320,7 +321,7 @@ class Dispatcher:
             worker.probe = worker.actor.ping.remote()
         except Exception as err:  # ActorDiedError once Ray's restart budget is spent
             worker.alive = False
-            log.error("worker %s is gone: %s", worker.name, _first_line(err))
+            log.error("worker %s is gone: %s", worker.name, first_line(err))
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -353,9 +354,4 @@ def in_order(results: Iterator[Result]) -> Iterator[Result]:
             next_id += 1
     if buffer:
         raise RuntimeError(f"batches {sorted(buffer)[:5]} completed but batch {next_id} never did")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 

@@ -72,19 +72,16 @@ def reference_outputs(x: np.ndarray, batch_rows: int, source: str = "zoo:tiny_ml
     CPU kernels may round differently for another number of rows or threads;
     matched, the comparison is bit-exact.
     """
-    from actors.models import load_model
+    from actors.engines import build_model
 
-    torch.manual_seed(seed)
-    built = load_model(source, **options)
+    built = build_model({"source": source, "seed": seed, **options})
     outs = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
             for start in range(0, len(x), batch_rows):
-                t = torch.from_numpy(x[start:start + batch_rows])
-                y = built.model(built.preprocess(t) if built.preprocess else t)
-                outs.append((built.postprocess(y) if built.postprocess else y).numpy())
+                outs.append(built.run(torch.from_numpy(x[start:start + batch_rows])).numpy())
     finally:
         torch.set_num_threads(threads)
     return np.concatenate(outs)
