@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -41,6 +42,11 @@ def environment() -> dict[str, Any]:
     except ImportError:
         pass
     return env
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces a run of ``module``: its ``argv``, or the process's when ``main`` got None."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_result(path: str | Path, name: str, command: str, rows: list[dict[str, Any]], **extra: Any) -> None:

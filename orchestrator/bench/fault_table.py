@@ -27,7 +27,6 @@ import collections
 import dataclasses
 import random
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ import ray
 
 from orchestrator import Orchestrator, Result, RunConfig
 from orchestrator.bench.cluster import FakeGpuCluster, fake_gpu_cluster
-from orchestrator.bench.common import print_table, reference_outputs, write_result
+from orchestrator.bench.common import command_line, print_table, reference_outputs, write_result
 
 BATCH_ROWS = 32
 DELAY_S = 0.02  # per batch and worker thread
@@ -255,8 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                "worker_deaths", "retried", "late_duplicates_dropped", "oom_splits", "ok"]
     print()
     print_table(rows, columns)
-    command = " ".join(["python -m orchestrator.bench.fault_table", *(sys.argv[1:] if argv is None else argv)])
-    write_result(args.out, "faults", command, rows,
+    write_result(args.out, "faults", command_line("orchestrator.bench.fault_table", argv), rows,
                  definitions=__doc__.split("counts per run:")[1].split("    python -m")[0].strip(),
                  setup={"batch_rows": BATCH_ROWS, "delay_s_per_batch": DELAY_S, "workers": 2,
                         "nodes": "2 logical nodes, 1 fake GPU each", "model": "zoo:tiny_mlp (CPU backend)",

@@ -24,7 +24,7 @@ from actors.graphs import GraphConfig
 from actors.pipeline import Pipeline, PipelineConfig
 from actors.streams import StreamManager
 from actors.zoo import ZOO
-from orchestrator.bench.common import median_seconds, print_table, write_result
+from orchestrator.bench.common import command_line, median_seconds, print_table, write_result
 from orchestrator.bench.plot import plot_after_bench
 
 SIZES = (1, 2, 4, 8, 16, 32, 64, 256)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     passed = check_floors(rows)
     for floor, ok in passed.items():
         print(f"{'PASS' if ok else 'FAIL'}  {floor} (floor {FLOORS[floor]})")
-    write_result(args.out, "graphs", "python -m orchestrator.bench.graphs_bench " + " ".join(argv or []), rows,
+    write_result(args.out, "graphs", command_line("orchestrator.bench.graphs_bench", argv), rows,
                  floors=FLOORS, passed=passed, graph_stats=graph_stats)
     plot_after_bench(args.out)
     return rows

@@ -24,7 +24,7 @@ import torch
 
 from actors.telemetry import GpuTelemetry
 from orchestrator.api import Orchestrator
-from orchestrator.bench.common import print_table, write_result
+from orchestrator.bench.common import command_line, print_table, write_result
 from orchestrator.config import RunConfig
 from orchestrator.metrics import DriverMetrics
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     nvml_ms = _nvml_read_ms()
     print(f"export on / off: {ratio:.3f} (floor {FLOOR}); driver recording {event_us:.1f} us per batch; "
           f"NVML read {'-' if nvml_ms is None else f'{nvml_ms:.1f} ms'}")
-    write_result(args.out, "metrics", "python -m orchestrator.bench.metrics_bench " + " ".join(argv or []), rows,
+    write_result(args.out, "metrics", command_line("orchestrator.bench.metrics_bench", argv), rows,
                  on_over_off=ratio, floor=FLOOR, passed=ratio >= FLOOR, driver_event_us=event_us,
                  nvml_read_ms=nvml_ms, quick=args.quick)
     return rows

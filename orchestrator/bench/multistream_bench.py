@@ -49,7 +49,7 @@ import torch
 from actors.engines import Engine, Engines, EngineSpec, build_model, streams_needed
 from actors.pipeline import PipelineConfig
 from actors.streams import StreamManager
-from orchestrator.bench.common import print_table, write_result
+from orchestrator.bench.common import command_line, print_table, write_result
 
 STREAMS = (1, 2, 4)
 FLOORS = {"2": 1.3, "4": 1.8}
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                             f"{work['flood']['source']} at batch {work['flood_batch']} (2 replicas, LOW)",
                 "batches_per_run": work["batches"], "probes": work["probes"], "repeats": work["repeats"],
                 "window": args.window, "depth": args.depth, "device": str(device), **flood_info}
-    write_result(args.out, "multistream", "python -m orchestrator.bench.multistream_bench " + " ".join(argv or []),
+    write_result(args.out, "multistream", command_line("orchestrator.bench.multistream_bench", argv),
                  rows + latency_rows, workload=workload, floors=FLOORS)
     return rows + latency_rows
 

@@ -31,7 +31,7 @@ from actors.bounds import analyse, copy_ceilings
 from actors.pipeline import Pipeline, PipelineConfig
 from actors.streams import StreamManager
 from actors.zoo import ZOO
-from orchestrator.bench.common import median_seconds, print_table, write_result
+from orchestrator.bench.common import command_line, median_seconds, print_table, write_result
 
 WORKLOADS = {
     # name: (zoo entry, batch rows, batches per timed run, host pool size)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         threads = [int(t) for t in args.staging_threads.split(",")]
         rows += bench_workload(name, args.repeats, threads, args.depth)
         print_table(rows, ["workload", "variant", "rows_per_s", "vs_gpu_only", "vs_h2d_bound", "bound"])
-    write_result(args.out, "pipeline", "python -m orchestrator.bench.pipeline_bench " + " ".join(argv or []), rows,
+    write_result(args.out, "pipeline", command_line("orchestrator.bench.pipeline_bench", argv), rows,
                  floors={"resnet pipeline vs gpu_only": 0.95, "mlp pipeline vs h2d_bound": 0.80})
     return rows
 

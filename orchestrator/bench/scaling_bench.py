@@ -28,7 +28,7 @@ import ray
 import ray.data
 import torch
 
-from orchestrator.bench.common import print_table, write_result
+from orchestrator.bench.common import command_line, print_table, write_result
 from orchestrator.bench.plot import plot_after_bench
 
 # name: (model source, dtype, channels_last, batch rows, batches in the pool, passes over the pool)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ray.shutdown()
     add_ratios(rows)
     print_table(rows, ["workload", "gpus", "method", "rows_per_s", "vs_1_gpu", "vs_gpu_only", "vs_handwritten"])
-    write_result(args.out, "scaling", "python -m orchestrator.bench.scaling_bench " + " ".join(argv or []), rows,
+    write_result(args.out, "scaling", command_line("orchestrator.bench.scaling_bench", argv), rows,
                  ray_data_arguments="batch_size=B, num_gpus=1, concurrency=N, batch_format='numpy', "
                                     "zero_copy_batch=True",
                  floors={"1 gpu vs gpu_only (resnets)": 0.95, "2 gpus vs 1 gpu": 1.9,

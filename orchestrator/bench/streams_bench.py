@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from actors.streams import StreamManager, StreamPriority
-from orchestrator.bench.common import median_seconds, print_table, write_result
+from orchestrator.bench.common import command_line, median_seconds, print_table, write_result
 
 
 class _Lane:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "bytes_h2d_per_request": args.rows * args.width * 4}
     print_table(rows, ["streams", "requests_per_s", "speedup", "median_seconds"])
     print("workload:", workload)
-    write_result(args.out, "streams", "python -m orchestrator.bench.streams_bench " + " ".join(argv or []),
+    write_result(args.out, "streams", command_line("orchestrator.bench.streams_bench", argv),
                  rows, workload=workload, floors={"2": 1.3, "4": 1.8})
     return rows
 
