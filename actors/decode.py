@@ -237,6 +237,7 @@ class GenerateConfig:
     temperature: float = 0.0  # 0: greedy; above: seeded Gumbel-max sampling of softmax(logits / temperature)
     seed: int = 0
     graphs: bool = True  # replay each step as a CUDA graph (always eager on the CPU backend)
+    compile: bool = False  # fuse the cached step's kernels with torch.compile before its capture (CUDA only)
     warmup_iters: int = 2  # eager steps per parity before a bucket's capture
 
     def __post_init__(self) -> None:
@@ -266,6 +267,7 @@ class DecodeStats:
     """Counters of one generator, updated once per batch (never per step)."""
 
     graphs: bool = False  # whether steps replay CUDA graphs
+    compiled: bool = False  # whether the cached step runs torch.compile's fused kernels
     graphs_captured: int = 0
     capture_seconds: float = 0.0
     fallback_reason: str | None = None
@@ -301,9 +303,13 @@ class Generator:
         self.buckets = buckets_for(config.max_batch)
         self._streams = streams
         self._compute = streams.get_compute_stream()
-        self.stats = DecodeStats(graphs=config.graphs and streams.is_cuda)
-        if config.graphs and not streams.is_cuda:
-            self.stats.fallback_reason = "CPU backend: CUDA graphs off, running eager"
+        self.stats = DecodeStats(graphs=config.graphs and streams.is_cuda, compiled=config.compile and streams.is_cuda)
+        if (config.graphs or config.compile) and not streams.is_cuda:
+            self.stats.fallback_reason = "CPU backend: CUDA graphs and compile off, running eager"
+        # Inductor without its own CUDA graphs: the step is captured in ours. Static shapes, one
+        # compilation per bucket; past dynamo's recompile limit (8 shapes) a bucket's step runs eager kernels.
+        self._model_step = (torch.compile(model.step, fullgraph=True, dynamic=False) if self.stats.compiled
+                            else model.step)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._views: dict[int, KVCacheView] = {}
         self._side: torch.cuda.Stream | None = None
@@ -362,14 +368,9 @@ class Generator:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         prompts = self._check(prompts, max_new_tokens, batch_id)
         rows, prompt_len = prompts.shape
-        bucket = bucket_for(rows, self.buckets)
         started = time.perf_counter()
         with torch.inference_mode():
-            if loop != "naive" and self.stats.graphs and (bucket, 0) not in self._graphs:
-                self._capture(bucket)
-            staged = self._host_prompts[:bucket * prompt_len].view(bucket, prompt_len)
-            staged.numpy()[:rows] = prompts  # the rows may be a read-only view of Ray's object store
-            staged[rows:].zero_()
+            bucket = self._stage(prompts, cached=loop != "naive")
             run = {"naive": self._naive, "synced": self._synced, "interleaved": self._interleaved}[loop]
             host_out = self._host_out[:bucket * max_new_tokens].view(bucket, max_new_tokens)
             try:
@@ -385,6 +386,36 @@ class Generator:
         lengths = self._lengths(tokens)
         self._count(rows, int(lengths.sum()), steps, launched, time.perf_counter() - started)
         return DecodeResult(tokens, lengths, steps, launched, loop)
+
+    def device_step_seconds(self, prompts: np.ndarray | torch.Tensor, max_new_tokens: int) -> float:
+        """GPU seconds per cached step: the steps of one batch replayed back to back on one stream, no host check.
+
+        What the GPU alone takes, timed by CUDA events: the bound the interleaved
+        loop approaches, and (with the synced loop's time per step) the most that
+        hiding the end-of-sequence check can win. For benchmarks; CUDA graphs only.
+        """
+        if self._closed:
+            raise RuntimeError("Generator is closed")
+        if not self.stats.graphs:
+            raise RuntimeError("device_step_seconds times graph replays: it needs CUDA and graphs on")
+        prompts = self._check(prompts, max_new_tokens, -1)
+        if max_new_tokens < 2:
+            raise ValueError("device_step_seconds needs max_new_tokens >= 2: step 0 is the prefill")
+        rows, prompt_len = prompts.shape
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.inference_mode(), self._streams.use(self._compute):
+            bucket = self._stage(prompts, cached=True)
+            try:
+                self._reset(bucket, rows, prompt_len, max_new_tokens, 0)
+                self._prefill(bucket, prompt_len, 0)
+                start.record(self._compute)
+                for _ in range(max_new_tokens - 1):
+                    self._run_step(bucket, 0)
+                end.record(self._compute)
+                end.synchronize()
+            finally:
+                self._drain()
+        return start.elapsed_time(end) / 1e3 / (max_new_tokens - 1)
 
     def close(self) -> None:
         """Wait for the lanes, destroy them and drop the graphs and buffers. Idempotent."""
@@ -414,6 +445,17 @@ class Generator:
         for stream in (self._compute, *self._lanes):
             self._drained.record(stream)
             self._drained.synchronize()
+
+    def _stage(self, prompts: np.ndarray, cached: bool) -> int:
+        """Capture the bucket's graphs if a cached loop needs them, copy the prompts into pinned memory; the bucket."""
+        rows, prompt_len = prompts.shape
+        bucket = bucket_for(rows, self.buckets)
+        if cached and self.stats.graphs and (bucket, 0) not in self._graphs:
+            self._capture(bucket)
+        staged = self._host_prompts[:bucket * prompt_len].view(bucket, prompt_len)
+        staged.numpy()[:rows] = prompts  # the rows may be a read-only view of Ray's object store
+        staged[rows:].zero_()
+        return bucket
 
     # -- checks ---------------------------------------------------------------------------------
     def _check(self, prompts: Any, max_new_tokens: int, batch_id: int) -> np.ndarray:
@@ -502,7 +544,7 @@ class Generator:
 
     def _decode_step(self, rows: int, parity: int) -> None:
         """Steps 1.. of the cached loops; what a graph captures."""
-        logits = self.model.step(self._tokens[:rows], self._pos, self._view(rows))
+        logits = self._model_step(self._tokens[:rows], self._pos, self._view(rows))
         self._pos.add_(1)
         self._advance(logits, rows, parity)
 

@@ -242,6 +242,8 @@ class DecodeConfig(_Strict):
     temperature: float = Field(0.0, ge=0, description="0: greedy; above: seeded sampling")
     seed: int = Field(0, ge=0, description="sampling seed; the noise is keyed by (seed, batch id, row, step)")
     graphs: bool = Field(True, description="replay each decode step as a CUDA graph (off on the CPU backend)")
+    compile: bool = Field(False, description="fuse the decode step's kernels with torch.compile before its capture "
+                                             "(CUDA only; compiles once per batch-size bucket, needs a C compiler)")
 
 
 class FaultConfig(_Strict):

@@ -218,6 +218,18 @@ def test_bad_settings_are_refused(tiny):
                 gen.generate(prompts(1, 2), 0)
 
 
+def test_compile_and_graphs_fall_back_to_eager_on_the_cpu_backend(tiny):
+    x = prompts(2, seed=8)
+    want = run_all(tiny, x, graphs=False)["synced"]
+    streams, gen = generator(tiny, compile=True)
+    with streams, gen:
+        assert not gen.stats.compiled and not gen.stats.graphs
+        assert "compile off" in gen.stats.fallback_reason
+        np.testing.assert_array_equal(gen.generate(x, N, "interleaved").tokens, want.tokens)
+        with pytest.raises(RuntimeError, match="needs CUDA and graphs on"):
+            gen.device_step_seconds(x, N)
+
+
 def test_the_generator_releases_its_streams(tiny):
     with StreamManager(device="cpu") as streams:
         gen = Generator(tiny, streams, GenerateConfig(max_batch=2, max_seq_len=8))
@@ -286,3 +298,34 @@ def test_interleaved_syncs_the_host_only_for_the_lagged_flag_read(eos_at):
         np.testing.assert_array_equal(got.tokens, want.tokens)
         assert got.steps == want.steps and got.launched == want.steps + (eos is not None)
         np.testing.assert_array_equal(gen.generate(x[:1], N, "interleaved").tokens, want.tokens)  # usable after
+
+
+@pytest.mark.gpu
+def test_compiled_step_gives_the_tokens_of_the_eager_step_on_cuda():
+    """The compiled step replays in the same two graphs; synced and interleaved stay identical.
+
+    Against the eager step, Inductor's fused reductions round differently, so
+    greedy fp32 tokens may part at a near-tie: at least 95% must agree.
+    """
+    x = prompts(8, seed=9, vocab=GPT2_SMALL.vocab_size)
+    model = _cuda_model(GPT2_SMALL)
+    streams, gen = generator(model, "cuda")
+    with streams, gen:
+        eager = gen.generate(x, N, "synced").tokens
+    streams, gen = generator(model, "cuda", compile=True)
+    with streams, gen:
+        synced, interleaved = gen.generate(x, N, "synced"), gen.generate(x, N, "interleaved")
+        assert gen.stats.compiled and gen.stats.graphs_captured == 2
+        np.testing.assert_array_equal(interleaved.tokens, synced.tokens)
+        assert (synced.tokens == eager).mean() >= 0.95
+
+
+@pytest.mark.gpu
+def test_device_step_seconds_times_the_replays_and_leaves_the_generator_usable():
+    x = prompts(4, seed=10, vocab=GPT2_SMALL.vocab_size)
+    streams, gen = generator(_cuda_model(GPT2_SMALL), "cuda")
+    with streams, gen:
+        want = gen.generate(x, N, "interleaved").tokens
+        seconds = gen.device_step_seconds(x, N)
+        assert 1e-6 < seconds < 0.1  # a GPT-2 small step is tens to hundreds of microseconds
+        np.testing.assert_array_equal(gen.generate(x, N, "interleaved").tokens, want)
