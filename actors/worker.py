@@ -118,10 +118,10 @@ class GpuWorker:
 
     def _start_metrics(self, sample_s: float) -> Any:
         # Imported here: the orchestrator package imports this module.
-        from orchestrator.metrics import WorkerMetrics, worker_labels
+        from orchestrator.metrics import WorkerMetrics
 
         # Copy ceilings are measured now, before any batch, not by the sampler in the middle of the run.
-        return WorkerMetrics(worker_labels(self.ping()), self.engines, self.telemetry,
+        return WorkerMetrics(self.ping(), self.engines, self.telemetry,
                              copy_ceilings(self.streams.device), sample_s)
 
     def infer(self, batch_id: int, source: Any, start: int = 0, stop: int | None = None,

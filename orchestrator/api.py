@@ -24,7 +24,7 @@ from actors.pipeline import concat_outputs
 from actors.worker import RemoteGpuWorker
 from orchestrator.config import RunConfig
 from orchestrator.dispatch import Dispatcher, Result, WorkerRecord, in_order
-from orchestrator.metrics import DriverMetrics, metrics_endpoints, worker_labels
+from orchestrator.metrics import DriverMetrics, metrics_endpoints
 from orchestrator.sources import batches
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class Orchestrator:
                     "models " + ", ".join(f"{s['name']}={s['model']['source']!r}" for s in models))
             raise WorkerStartError(f"a worker failed to build its {what}: {cause}") from err
         log.info("started %d workers: %s", count, [(i["name"], i["device"], i["gpu_ids"]) for i in self.worker_info])
-        self.driver_metrics = DriverMetrics({i["name"]: worker_labels(i) for i in self.worker_info},
+        self.driver_metrics = DriverMetrics(self.worker_info,
                                             depth=self.config.pipeline.depth, sample_s=metrics.sample_s,
                                             export=metrics.export)
 
@@ -167,7 +167,8 @@ class Orchestrator:
             max_retries=cfg.errors.max_retries, batch_timeout_s=cfg.dispatch.batch_timeout_s,
             probe_timeout_s=cfg.cluster.worker_start_timeout_s,
             max_ahead=cfg.dispatch.reorder_window if ordered else None,
-            on_result=(lambda r: progress.update(r.rows)) if progress else None, events=self.driver_metrics)
+            on_result=(lambda r: progress.update(r.rows)) if progress else None,
+            events=self.driver_metrics.events(model))
         self._dispatchers.append(dispatcher)
         stream = dispatcher.run(batches(inputs, rows))
         started = time.perf_counter()

@@ -18,7 +18,7 @@ Two recorders, neither on the per-batch GPU path:
 * ``WorkerMetrics`` runs a thread in each worker that reads the pipeline's
   aggregated stats, the bound analysis and NVML every ``sample_s``.
 
-Every metric carries the labels ``worker``, ``gpu``, ``node`` and ``model``.
+Every metric carries the labels ``worker``, ``gpu``, ``node`` and ``model`` (``worker_labels``).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from actors.bounds import CopyCeilings, analyse
-from actors.engines import Engines, merge_graph_stats, merge_stats
+from actors.engines import DEFAULT_MODEL, Engines, merge_graph_stats, merge_stats
 from actors.errors import BatchError
 from actors.telemetry import GpuTelemetry, PeriodicThread
 from orchestrator.dispatch import DispatchEvents, WorkerRecord
@@ -136,10 +136,15 @@ def _metric(short: str) -> Any:
     return _ray_metric(PREFIX + short)
 
 
-def worker_labels(info: dict[str, Any]) -> dict[str, str]:
-    """The four labels of a worker, from its ``ping()`` answer."""
+def worker_labels(info: dict[str, Any], model: str) -> dict[str, str]:
+    """The four labels of a worker's series about ``model`` (a name ``map`` takes), from its ``ping()`` answer.
+
+    ``model`` is the config's name for it, or, for a lone ``model`` (named ``default``) and for a
+    decode worker, the built model's name (``tiny_mlp``, ``gpt2_small``).
+    """
+    built = info.get("models", {}).get(model, info)["model"]
     return {"worker": info["name"], "gpu": ",".join(info["gpu_ids"]) or "none", "node": info["node"],
-            "model": info["model"]}
+            "model": built if model == DEFAULT_MODEL else model}
 
 
 def metrics_endpoints() -> list[str]:
@@ -164,22 +169,49 @@ class WorkerTally:
     deaths: int = 0
 
 
-class DriverMetrics(DispatchEvents):
-    """Counts dispatch events per worker, and records them as Prometheus metrics when ``export`` is on.
+class DriverMetrics:
+    """The driver's per-worker counts of dispatch events, shared by every map of an Orchestrator.
 
-    ``labels`` maps each worker name to its labels (``worker_labels``). Gauges of
-    in-flight and queued batches are sampled every ``sample_s`` on the loop's tick.
+    Each map's ``Dispatcher`` reports to ``events(model)``, which counts here and,
+    when ``export`` is on, records Prometheus metrics under that model's labels.
     """
 
-    def __init__(self, labels: dict[str, dict[str, str]], depth: int, sample_s: float, export: bool) -> None:
-        self.labels = labels
+    def __init__(self, infos: list[dict[str, Any]], depth: int, sample_s: float, export: bool) -> None:
+        self.infos = {i["name"]: i for i in infos}
         self.depth = depth
         self.sample_s = sample_s
         self.export = export
-        self.tallies = {name: WorkerTally() for name in labels}
+        self.tallies = {name: WorkerTally() for name in self.infos}
+        self._events: dict[str, ModelEvents] = {}
+
+    def events(self, model: str) -> ModelEvents:
+        if model not in self._events:
+            self._events[model] = ModelEvents(self, {name: worker_labels(info, model)
+                                                     for name, info in self.infos.items()})
+        return self._events[model]
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """Per worker: where it runs and its counts, all models together."""
+        return {name: {"worker": name, "gpu": ",".join(info["gpu_ids"]) or "none", "node": info["node"],
+                       **dataclasses.asdict(self.tallies[name])} for name, info in self.infos.items()}
+
+
+class ModelEvents(DispatchEvents):
+    """One model's dispatch events: counted in the shared tallies, exported under ``labels`` (per worker).
+
+    Gauges of in-flight and queued batches are sampled every ``sample_s`` on the
+    loop's tick; two maps of the same model at once overwrite each other's.
+    """
+
+    def __init__(self, metrics: DriverMetrics, labels: dict[str, dict[str, str]]) -> None:
+        self.labels = labels
+        self.tallies = metrics.tallies
+        self.depth = metrics.depth
+        self.sample_s = metrics.sample_s
+        self.export = metrics.export
         self._next_sample = 0.0
         self._error_labels: dict[tuple[str, str], dict[str, str]] = {}
-        if export:
+        if self.export:
             self._completed, self._rows = _metric("batches_completed_total"), _metric("rows_completed_total")
             self._latency = _metric("batch_latency_seconds")
 
@@ -223,14 +255,10 @@ class DriverMetrics(DispatchEvents):
         if now < self._next_sample:
             return
         self._next_sample = now + self.sample_s
-        for w, count in inflight.items():  # the map being sampled: concurrent maps of other models overwrite
+        for w, count in inflight.items():
             tags = self.labels[w.name]
             _metric("batches_inflight").set(count, tags)
             _metric("batches_queued").set(max(0, count - self.depth), tags)
-
-    def as_dict(self) -> dict[str, dict[str, Any]]:
-        """Per worker: its labels and counts."""
-        return {name: {**self.labels[name], **dataclasses.asdict(t)} for name, t in self.tallies.items()}
 
 
 # -- a worker --------------------------------------------------------------------------------------
@@ -238,53 +266,61 @@ class DriverMetrics(DispatchEvents):
 class WorkerMetrics:
     """Records one worker's pipeline stats, bound and NVML readings every ``sample_s`` on its own thread.
 
-    Counters are fed the growth of the pipeline's cumulative counts since the last
-    sample; the pipeline itself is not touched. ``close`` stops the thread.
+    Each model's series carry its own ``model`` label (``worker_labels``); the GPU's
+    readings are set under every model's labels, the same values (dashboards take
+    the max per GPU). Counters are fed the growth of the pipelines' cumulative
+    counts since the last sample; the pipelines are not touched. ``close`` stops the thread.
     """
 
-    def __init__(self, labels: dict[str, str], engines: Engines, telemetry: GpuTelemetry,
+    def __init__(self, info: dict[str, Any], engines: Engines, telemetry: GpuTelemetry,
                  ceilings: CopyCeilings | None, sample_s: float) -> None:
-        self.labels = labels
         self.engines = engines
+        self.labels = {e.name: worker_labels(info, e.name) for e in engines}
         self.telemetry = telemetry
         self.ceilings = ceilings
-        self._seen: dict[tuple[str, str], float] = {}
-        self._tags: dict[str, dict[str, str]] = {}
-        self._thread = PeriodicThread(self.sample, sample_s, f"metrics-{labels['worker']}")
+        self._seen: dict[tuple[str, str, str], float] = {}
+        self._stage_labels: dict[tuple[str, str], dict[str, str]] = {}
+        self._thread = PeriodicThread(self.sample, sample_s, f"metrics-{info['name']}")
 
     def close(self) -> None:
         self._thread.close()
 
-    def _stage_tags(self, stage: str) -> dict[str, str]:
-        if stage not in self._tags:
-            self._tags[stage] = {**self.labels, "stage": stage}
-        return self._tags[stage]
+    def _stage_tags(self, model: str, stage: str) -> dict[str, str]:
+        key = (model, stage)
+        if key not in self._stage_labels:
+            self._stage_labels[key] = {**self.labels[model], "stage": stage}
+        return self._stage_labels[key]
 
-    def _add(self, short: str, total: float, tags: dict[str, str], key: str = "") -> None:
+    def _add(self, short: str, total: float, tags: dict[str, str], model: str, key: str = "") -> None:
         """Increase counter ``short`` by how much ``total`` (a cumulative count) grew since the last sample."""
-        seen = self._seen.get((short, key), 0.0)
+        seen = self._seen.get((short, model, key), 0.0)
         if total > seen:
             _metric(short).inc(total - seen, tags)
-            self._seen[(short, key)] = total
+            self._seen[(short, model, key)] = total
 
     def sample(self) -> None:
-        pipelines = self.engines.pipelines  # all models and replicas of the worker together
-        stats = merge_stats([p.stats for p in pipelines])
+        for engine in self.engines:
+            self._sample_model(engine.name, engine.replicas)
+        gpu = self.telemetry.read()
+        for labels in self.labels.values():
+            _metric("gpu_telemetry_available").set(float(gpu.available), labels)
+            for field in ("utilization_ratio", "memory_used_bytes", "memory_total_bytes", "power_watts",
+                          "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"):
+                _metric("gpu_" + field).set(getattr(gpu, field), labels)  # None (unsupported) sets nothing
+
+    def _sample_model(self, model: str, replicas: list[Any]) -> None:
+        labels = self.labels[model]
+        stats = merge_stats([p.stats for p in replicas])
         for stage, ms in list(stats.stage_ms_total.items()):
-            self._add("stage_seconds_total", ms / 1e3, self._stage_tags(stage), stage)
-        self._add("timed_rows_total", stats.timed_rows, self.labels)
+            self._add("stage_seconds_total", ms / 1e3, self._stage_tags(model, stage), model, stage)
+        self._add("timed_rows_total", stats.timed_rows, labels, model)
         bound = analyse(stats, self.ceilings)
         for stage, capacity in bound.stage_capacity_rows_per_second.items():
-            _metric("stage_capacity_rows_per_second").set(capacity, self._stage_tags(stage))
-            _metric("binding_stage").set(float(stage == bound.binding_stage), self._stage_tags(stage))
-        _metric("bound_ratio").set(bound.fraction_of_bound, self.labels)
-        graphs = merge_graph_stats([p.graphs.stats for p in pipelines])
+            _metric("stage_capacity_rows_per_second").set(capacity, self._stage_tags(model, stage))
+            _metric("binding_stage").set(float(stage == bound.binding_stage), self._stage_tags(model, stage))
+        _metric("bound_ratio").set(bound.fraction_of_bound, labels)
+        graphs = merge_graph_stats([p.graphs.stats for p in replicas])
         if graphs["enabled"]:
-            self._add("graph_replays_total", graphs["replays"], self.labels)
-            self._add("graph_eager_batches_total", graphs["eager_batches"], self.labels)
-            _metric("graphs_captured").set(graphs["captured"], self.labels)
-        gpu = self.telemetry.read()
-        _metric("gpu_telemetry_available").set(float(gpu.available), self.labels)
-        for field in ("utilization_ratio", "memory_used_bytes", "memory_total_bytes", "power_watts",
-                      "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"):
-            _metric("gpu_" + field).set(getattr(gpu, field), self.labels)  # None (unsupported) sets nothing
+            self._add("graph_replays_total", graphs["replays"], labels, model)
+            self._add("graph_eager_batches_total", graphs["eager_batches"], labels, model)
+            _metric("graphs_captured").set(graphs["captured"], labels)

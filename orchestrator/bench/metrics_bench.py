@@ -64,11 +64,11 @@ def _run_setting(config: RunConfig, batches: int, passes: int) -> list[float]:
 
 def _driver_event_us(n: int = 20000) -> float:
     """Microseconds per completed batch recorded by the driver (Ray must be initialised)."""
-    labels = {"w": {"worker": "w", "gpu": "0", "node": "bench", "model": "bench"}}
-    metrics = DriverMetrics(labels, depth=3, sample_s=5.0, export=True)
+    info = {"name": "w", "gpu_ids": ["0"], "node": "bench", "model": "bench"}
+    events = DriverMetrics([info], depth=3, sample_s=5.0, export=True).events("bench")
     t0 = time.perf_counter()
     for _ in range(n):
-        metrics.completed("w", 256, 0.01)
+        events.completed("w", 256, 0.01)
     return (time.perf_counter() - t0) / n * 1e6
 
 

@@ -20,7 +20,7 @@ import ray
 import torch
 from _util import rows, run_config
 
-from orchestrator import Orchestrator
+from orchestrator import Orchestrator, RunConfig
 from orchestrator.metrics import EXPORT_PREFIX, LABELS, METRICS, PREFIX
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "orchestrator.json"
@@ -193,3 +193,32 @@ def test_every_metric_a_dashboard_panel_names_is_exported_by_a_real_job(metrics_
 @pytest.mark.gpu
 def test_every_metric_a_dashboard_panel_names_is_exported_by_a_real_gpu_job(metrics_port):
     _run_and_check(metrics_port, _config(gpu=True), gpu=True)
+
+
+def test_each_model_of_a_multi_model_worker_is_exported_under_its_own_model_label(metrics_port):
+    """Two models on each worker: driver and worker series split by the config's model names."""
+    models = [{"name": "small", "source": "zoo:tiny_mlp", "seed": 1},
+              {"name": "wide", "source": "zoo:mlp", "kwargs": {"in_features": 16, "hidden": 24, "out_features": 5},
+               "replicas": 2}]
+    base = run_config(32, metrics={"sample_s": 0.5}, pipeline={"timing_every": 2},
+                      cluster={"num_workers": 2, "gpus_per_worker": 0.5, "worker_start_timeout_s": 90})
+    config = RunConfig.model_validate({**base.model_dump(exclude={"model"}), "models": models})
+    with Orchestrator(config) as orch:
+        done = {name: sum(r.rows for r in orch.map(rows(32 * n + 7, seed=n), model=name))
+                for name, n in (("small", 12), ("wide", 20))}
+        url = orch.report()["metrics_endpoints"][0]
+        name = f"{EXPORT_PREFIX}{PREFIX}"
+
+        def check(series: dict) -> list[str]:
+            problems = [f"rows of {m}: {_total(series, name + 'rows_completed_total', model=m)}, expected {n}"
+                        for m, n in done.items() if _total(series, name + "rows_completed_total", model=m) != n]
+            for metric in ("timed_rows_total", "bound_ratio", "gpu_telemetry_available"):
+                got = {(labels["worker"], labels["model"]) for labels, _ in series.get(name + metric, [])
+                       if labels["model"] in done}  # the module's earlier job left tiny_mlp series
+                want = {(w, m) for w in ("worker-0", "worker-1") for m in done}
+                problems += [f"{metric}: series {sorted(got)}"] if got != want else []
+            return problems
+
+        series, problems = _scrape_until(url, check)
+    assert not problems, problems
+    assert {labels["model"] for labels, _ in series[name + "stage_seconds_total"]} >= {"small", "wide"}
