@@ -67,7 +67,7 @@ def analyse(stats: PipelineStats, ceilings: CopyCeilings | None) -> BoundReport:
     For H2D and D2H the bound is the measured copy ceiling (the hardware limit);
     for staging and compute it is the stage's own measured rate.
     """
-    achieved = stats.rows / stats.wall_seconds if stats.wall_seconds else None
+    achieved = stats.rows / stats.busy_seconds if stats.busy_seconds else None
     if not stats.timed_rows or achieved is None:
         return BoundReport(None, achieved, {}, None, None, "no timed batches yet")
     capacity = {s: stats.timed_rows / (ms * 1e-3) for s, ms in stats.stage_ms_total.items() if ms > 0}

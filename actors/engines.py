@@ -36,7 +36,7 @@ from actors.errors import UnknownModelError
 from actors.graphs import GraphStats
 from actors.memory import MemoryNeed, fit_model
 from actors.models import BuiltModel, load_model
-from actors.pipeline import BatchResult, Pipeline, PipelineConfig, PipelineStats, PipelineStreams
+from actors.pipeline import BatchResult, Pipeline, PipelineConfig, PipelineStats, PipelineStreams, add_spell
 from actors.streams import Stream, StreamManager, StreamPriority
 
 DEFAULT_MODEL = "default"  # the name of a run's only model when the config has a single ``model:`` section
@@ -217,7 +217,7 @@ class Engines:
 # -- merging the stats of several pipelines ---------------------------------------------------------
 
 def merge_stats(stats: Sequence[PipelineStats]) -> PipelineStats:
-    """One PipelineStats over pipelines that ran side by side: counters summed, wall time their union.
+    """One PipelineStats over pipelines that ran side by side: counters summed, busy spells their union.
 
     Stage times are combined so that each stage's capacity (timed rows per
     second of stage time) is the sum of the pipelines' capacities, as the
@@ -232,10 +232,8 @@ def merge_stats(stats: Sequence[PipelineStats]) -> PipelineStats:
     for stage in merged.stage_ms_total:
         capacity = sum(s.timed_rows / s.stage_ms_total[stage] for s in stats if s.stage_ms_total[stage] > 0)
         merged.stage_ms_total[stage] = merged.timed_rows / capacity if capacity else 0.0
-    starts = [s.first_start for s in stats if s.first_start is not None]
-    ends = [s.last_end for s in stats if s.last_end is not None]
-    merged.first_start = min(starts, default=None)
-    merged.last_end = max(ends, default=None)
+    for start, end in sorted(spell for s in stats for spell in list(s.busy)):
+        add_spell(merged.busy, start, end)
     return merged
 
 

@@ -455,16 +455,33 @@ class Pipeline:
         return self._broken
 
 
+# A spell with no batch in flight longer than this is idle time (between maps, say), left out
+# of the achieved rate; shorter gaps count, as they are the feeding's own slack.
+IDLE_GAP_S = 1.0
+
+
+def add_spell(spells: list[list[float]], start: float, end: float) -> None:
+    """Add ``[start, end]`` to ``spells`` (starts in order): extend the last one, or open one after an idle gap."""
+    if spells and start - spells[-1][1] <= IDLE_GAP_S:
+        spells[-1][1] = max(spells[-1][1], end)
+    else:
+        spells.append([start, end])
+
+
 class PipelineStats:
-    """Counters and sampled stage times; updated by the completion thread only."""
+    """Counters and sampled stage times; updated by the completion thread only.
+
+    ``busy`` holds the spells with batches in flight, ``[start, end]`` in
+    ``time.perf_counter`` seconds: batches start and end in submission order, so
+    each one extends the last spell or, after an idle gap, opens the next.
+    """
 
     def __init__(self) -> None:
         self.batches = 0
         self.rows = 0
         self.bytes_in = 0
         self.bytes_out = 0
-        self.first_start: float | None = None
-        self.last_end: float | None = None
+        self.busy: list[list[float]] = []
         self.timed_batches = 0
         self.timed_rows = 0
         self.stage_ms_total = dict.fromkeys(_STAGES, 0.0)
@@ -474,9 +491,7 @@ class PipelineStats:
         self.rows += rows
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
-        if self.first_start is None:
-            self.first_start = started
-        self.last_end = time.perf_counter()
+        add_spell(self.busy, started, time.perf_counter())
 
     def add_timing(self, times: dict[str, float], rows: int) -> None:
         self.timed_batches += 1
@@ -488,10 +503,8 @@ class PipelineStats:
         self.__init__()
 
     @property
-    def wall_seconds(self) -> float:
-        if self.first_start is None or self.last_end is None:
-            return 0.0
-        return self.last_end - self.first_start
+    def busy_seconds(self) -> float:
+        return sum(end - start for start, end in list(self.busy))
 
     def as_dict(self) -> dict[str, Any]:
         per_row = {s: (t / self.timed_rows if self.timed_rows else None) for s, t in self.stage_ms_total.items()}
@@ -500,8 +513,8 @@ class PipelineStats:
             "rows": self.rows,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
-            "wall_seconds": self.wall_seconds,
-            "rows_per_second": self.rows / self.wall_seconds if self.wall_seconds else None,
+            "busy_seconds": self.busy_seconds,
+            "rows_per_second": self.rows / self.busy_seconds if self.busy_seconds else None,
             "timed_batches": self.timed_batches,
             "stage_ms_per_row": per_row,
         }

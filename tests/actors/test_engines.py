@@ -154,20 +154,21 @@ def test_spec_and_engines_reject_bad_values():
 
 # -- stats -----------------------------------------------------------------------------------------
 
-def _stats(rows: int, timed_rows: int, compute_ms: float, start: float, end: float) -> PipelineStats:
+def _stats(rows: int, timed_rows: int, compute_ms: float, *busy: tuple[float, float]) -> PipelineStats:
     s = PipelineStats()
     s.batches, s.rows, s.bytes_in, s.bytes_out = 2, rows, rows * 64, rows * 4
     s.timed_batches, s.timed_rows = 1, timed_rows
     s.stage_ms_total.update(stage=1.0, h2d=0.5, compute=compute_ms, d2h=0.25)
-    s.first_start, s.last_end = start, end
+    s.busy = [list(spell) for spell in busy]
     return s
 
 
 def test_merged_stats_sum_counts_and_capacities_over_side_by_side_pipelines():
-    a, b = _stats(100, 10, 2.0, 1.0, 3.0), _stats(50, 20, 8.0, 0.5, 2.0)
+    a, b = _stats(100, 10, 2.0, (1.0, 3.0), (20.0, 21.0)), _stats(50, 20, 8.0, (0.5, 2.0), (9.0, 10.0))
     m = merge_stats([a, b])
     assert (m.rows, m.batches, m.bytes_in, m.timed_rows) == (150, 4, 150 * 64, 30)
-    assert (m.first_start, m.last_end) == (0.5, 3.0)
+    # Overlapping spells join; the idle gaps (3 -> 9, 10 -> 20 s) are left out of the busy time.
+    assert m.busy == [[0.5, 3.0], [9.0, 10.0], [20.0, 21.0]] and m.busy_seconds == pytest.approx(4.5)
     capacity = m.timed_rows / m.stage_ms_total["compute"]  # rows per ms
     assert capacity == pytest.approx(10 / 2.0 + 20 / 8.0)
     one = merge_stats([a])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -225,6 +226,23 @@ def test_timing_stats_bound_report_and_timeline():
     assert report.bound_rows_per_second == min(report.stage_capacity_rows_per_second.values())
     assert {e["tid"] for e in trace} == {"stage", "h2d", "compute", "d2h"}
     assert len(trace) == 5 * 4 and all(e["dur"] >= 0 and e["ph"] == "X" for e in trace)
+
+
+def test_idle_time_between_maps_is_left_out_of_the_rate_and_the_bound():
+    """Two maps 1.5 s apart (above IDLE_GAP_S): the busy time is the two maps', not the span from first to last."""
+    with StreamManager(device="cpu") as sm, Pipeline(built(), sm, PipelineConfig(timing_every=1)) as p:
+        elapsed = []
+        for pause in (0.0, 1.5):
+            time.sleep(pause)
+            t0 = time.perf_counter()
+            list(p.map(batches([32] * 20)))
+            elapsed.append(time.perf_counter() - t0)
+        stats = p.stats.as_dict()
+        report = analyse(p.stats, None)
+    assert len(p.stats.busy) == 2
+    assert stats["busy_seconds"] <= sum(elapsed)  # the span from first to last batch holds the 1.5 s pause
+    assert stats["rows_per_second"] >= 640 / sum(elapsed)
+    assert report.achieved_rows_per_second == pytest.approx(stats["rows_per_second"])
 
 
 @pytest.mark.parametrize("bad", [dict(depth=0), dict(max_batch_rows=0), dict(staging_threads=0),
