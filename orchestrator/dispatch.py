@@ -64,10 +64,14 @@ class WorkerRecord:
 
     name: str
     actor: Any
-    alive: bool = True
+    gone: str | None = None  # why the driver gave up on it: None while it may still run batches
     deaths: int = 0
     probe: Any = None  # an ObjectRef of ping() while the worker is suspected dead
     probe_since: float = 0.0
+
+    @property
+    def alive(self) -> bool:
+        return self.gone is None
 
     @property
     def live(self) -> bool:
@@ -320,7 +324,7 @@ class Dispatcher:
             # Still restarting: ask again (the probe deadline still applies).
             worker.probe = worker.actor.ping.remote()
         except Exception as err:  # ActorDiedError once Ray's restart budget is spent
-            worker.alive = False
+            worker.gone = f"{worker.name} is dead ({first_line(err)})"
             log.error("worker %s is gone: %s", worker.name, first_line(err))
 
     def _check_deadlines(self) -> None:
@@ -335,11 +339,13 @@ class Dispatcher:
         for worker in self.workers:
             if worker.probe is not None and now - worker.probe_since > self.probe_timeout_s:
                 ray.cancel(worker.probe, force=False)
-                worker.probe, worker.alive = None, False
+                worker.probe = None
+                worker.gone = f"{worker.name} was not back {self.probe_timeout_s:.0f} s after dying"
                 log.error("worker %s did not come back within %.0f s", worker.name, self.probe_timeout_s)
 
     def _death_summary(self) -> str:
-        return (f"all {len(self.workers)} workers died and none could be restarted "
+        gone = "; ".join(w.gone for w in self.workers if w.gone)
+        return (f"all {len(self.workers)} workers died and none could be restarted: {gone} "
                 f"({self.stats.worker_deaths} deaths, {self.stats.completed} batches completed before)")
 
 

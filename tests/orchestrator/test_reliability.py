@@ -64,9 +64,10 @@ def test_no_worker_left_fails_clearly_and_keeps_completed_results():
                  cluster={"max_worker_restarts": 0})
     got = []
     with Orchestrator(cfg) as o:
-        with pytest.raises(NoWorkersError, match="no worker can run: all 2 workers died"):
+        with pytest.raises(NoWorkersError, match="no worker can run: all 2 workers died") as caught:
             for r in o.map(x):
                 got.append(r)
+    assert "worker-0 is dead (" in str(caught.value) and "worker-1 is dead (" in str(caught.value)
     assert 1 <= len(got) <= 10 and len({r.batch_id for r in got}) == len(got)
     for r in got:
         np.testing.assert_array_equal(r.outputs, reference(x[32 * r.batch_id:32 * (r.batch_id + 1)], batch_rows=32))
