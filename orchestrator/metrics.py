@@ -143,8 +143,12 @@ def worker_labels(info: dict[str, Any], model: str) -> dict[str, str]:
     decode worker, the built model's name (``tiny_mlp``, ``gpt2_small``).
     """
     built = info.get("models", {}).get(model, info)["model"]
-    return {"worker": info["name"], "gpu": ",".join(info["gpu_ids"]) or "none", "node": info["node"],
-            "model": built if model == DEFAULT_MODEL else model}
+    return {**_placement(info), "model": built if model == DEFAULT_MODEL else model}
+
+
+def _placement(info: dict[str, Any]) -> dict[str, str]:
+    """Where a worker runs: its ``worker``, ``gpu`` and ``node`` labels."""
+    return {"worker": info["name"], "gpu": ",".join(info["gpu_ids"]) or "none", "node": info["node"]}
 
 
 def metrics_endpoints() -> list[str]:
@@ -192,8 +196,8 @@ class DriverMetrics:
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """Per worker: where it runs and its counts, all models together."""
-        return {name: {"worker": name, "gpu": ",".join(info["gpu_ids"]) or "none", "node": info["node"],
-                       **dataclasses.asdict(self.tallies[name])} for name, info in self.infos.items()}
+        return {name: {**_placement(info), **dataclasses.asdict(self.tallies[name])}
+                for name, info in self.infos.items()}
 
 
 class ModelEvents(DispatchEvents):
