@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{'PASS' if ok else 'FAIL'}  {floor} (floor {FLOORS[floor]})")
     settings = {"model": "tiny_decoder" if args.quick else "gpt2_small", "dtype": args.dtype,
                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                "eos_token_id": None, "compile": args.compile, "naive_max_batch": args.naive_max_batch, "quick": args.quick,
-                "device": str(device)}
+                "eos_token_id": None, "compile": args.compile, "naive_max_batch": args.naive_max_batch,
+                "quick": args.quick, "device": str(device)}
     write_result(args.out, "decode", command_line("orchestrator.bench.decode_bench", argv), rows,
                  settings=settings, floors=FLOORS, passed=passed)
     return rows

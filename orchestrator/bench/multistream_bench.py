@@ -136,7 +136,6 @@ def device_ceiling(work: dict[str, Any], device: torch.device, rounds: int = 4) 
     pipeline's speedups are read against these."""
     batch = work["batch"]
     built = build_model(work["small"]).to(device)
-    shape = (batch, *built.input_spec.row_shape)
     rows = []
     with torch.inference_mode():
         for k in STREAMS:
