@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -60,7 +61,12 @@ class Result:
 
 @dataclasses.dataclass(eq=False)
 class WorkerRecord:
-    """The driver's view of one worker actor."""
+    """The driver's view of one worker actor, shared by every dispatcher of an Orchestrator.
+
+    Dispatchers of different models run on their own threads and may see the
+    same death at once, so the suspect/probe/give-up transitions happen under a
+    lock and each probe is settled once, by whoever holds its ref.
+    """
 
     name: str
     actor: Any
@@ -68,6 +74,7 @@ class WorkerRecord:
     deaths: int = 0
     probe: Any = None  # an ObjectRef of ping() while the worker is suspected dead
     probe_since: float = 0.0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
     def alive(self) -> bool:
@@ -77,6 +84,44 @@ class WorkerRecord:
     def live(self) -> bool:
         """Alive and not suspected dead: it may be given batches."""
         return self.alive and self.probe is None
+
+    def suspect(self) -> bool:
+        """A call on it failed with the actor's death: start probing it. False if that death was already seen."""
+        with self._lock:
+            if not self.live:
+                return False
+            self.deaths += 1
+            self.probe, self.probe_since = self.actor.ping.remote(), time.monotonic()
+            return True
+
+    def settle_probe(self, ref: Any) -> None:
+        """``ref``, a probe that is ready, says whether the worker is back, still restarting, or dead for good.
+
+        A ref that is no longer the current probe was settled by another dispatcher: nothing to do.
+        """
+        with self._lock:
+            if ref is not self.probe:
+                return
+            self.probe = None
+            try:
+                ray.get(ref, timeout=0)
+                log.warning("worker %s is back after a restart", self.name)
+            except ActorUnavailableError:
+                # Still restarting: ask again (the probe deadline still applies).
+                self.probe = self.actor.ping.remote()
+            except Exception as err:  # ActorDiedError once Ray's restart budget is spent
+                self.gone = f"{self.name} is dead ({first_line(err)})"
+                log.error("worker %s is gone: %s", self.name, first_line(err))
+
+    def expire_probe(self, now: float, timeout_s: float) -> None:
+        """Give the worker up if it has not answered a probe within ``timeout_s`` of dying."""
+        with self._lock:
+            if self.probe is None or now - self.probe_since <= timeout_s:
+                return
+            ray.cancel(self.probe, force=False)
+            self.probe = None
+            self.gone = f"{self.name} was not back {timeout_s:.0f} s after dying"
+            log.error("worker %s did not come back within %.0f s", self.name, timeout_s)
 
 
 @dataclasses.dataclass
@@ -179,7 +224,7 @@ class Dispatcher:
             exhausted = self._fill(source, exhausted)
             if not self._pending and exhausted and not self._retry:
                 return  # a worker still restarting is no reason to wait; the next run goes on probing it
-            probes = {w.probe: w for w in self.workers if w.probe is not None}
+            probes = {probe: w for w in self.workers if (probe := w.probe) is not None}
             if not self._pending and not probes:
                 if not self._live():
                     raise NoWorkersError(self._death_summary())
@@ -190,7 +235,7 @@ class Dispatcher:
                 ready, _ = ray.wait(waitables, num_returns=len(waitables), timeout=0)
             for ref in ready:
                 if ref in probes:
-                    self._probe_done(probes[ref])
+                    probes[ref].settle_probe(ref)
                 else:
                     yield from self._collect(ref)
             self._check_deadlines()
@@ -297,12 +342,10 @@ class Dispatcher:
         Every batch in flight on a worker that dies is counted, since which one killed it is unknown.
         """
         worker, batch = call.worker, call.batch
-        if worker.live:
-            worker.deaths += 1
+        if worker.suspect():
             self.stats.worker_deaths += 1
             self.events.worker_died(worker.name)
             log.warning("worker %s died (%s); re-dispatching its batches", worker.name, first_line(err))
-            worker.probe, worker.probe_since = worker.actor.ping.remote(), time.monotonic()
         self._attempts[batch.batch_id] += 1
         deaths = self._attempts[batch.batch_id]
         if deaths > self.max_retries:  # the first run and max_retries re-runs all killed a worker
@@ -315,18 +358,6 @@ class Dispatcher:
         self.stats.retried += 1
         self.events.retried(worker.name)
 
-    def _probe_done(self, worker: WorkerRecord) -> None:
-        ref, worker.probe = worker.probe, None
-        try:
-            ray.get(ref, timeout=0)
-            log.warning("worker %s is back after a restart", worker.name)
-        except ActorUnavailableError:
-            # Still restarting: ask again (the probe deadline still applies).
-            worker.probe = worker.actor.ping.remote()
-        except Exception as err:  # ActorDiedError once Ray's restart budget is spent
-            worker.gone = f"{worker.name} is dead ({first_line(err)})"
-            log.error("worker %s is gone: %s", worker.name, first_line(err))
-
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for call in list(self._pending.values()):
@@ -337,11 +368,7 @@ class Dispatcher:
                 ray.kill(call.worker.actor, no_restart=False)
                 call.started = now  # its failure arrives as RayActorError and is re-dispatched
         for worker in self.workers:
-            if worker.probe is not None and now - worker.probe_since > self.probe_timeout_s:
-                ray.cancel(worker.probe, force=False)
-                worker.probe = None
-                worker.gone = f"{worker.name} was not back {self.probe_timeout_s:.0f} s after dying"
-                log.error("worker %s did not come back within %.0f s", worker.name, self.probe_timeout_s)
+            worker.expire_probe(now, self.probe_timeout_s)
 
     def _death_summary(self) -> str:
         gone = "; ".join(w.gone for w in self.workers if w.gone)
