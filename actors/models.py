@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import json
+import os
+import pickle
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from actors.errors import ModelLoadError
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
 EXPORT_SUFFIX = ".pt2"
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at each call
 FILE_SUFFIXES = (*TORCHSCRIPT_SUFFIXES, EXPORT_SUFFIX)
 
 
@@ -99,7 +104,7 @@ def load_model(source: str, *, dtype: str = "float32", channels_last: bool = Fal
             raise ModelLoadError(f"model file {source!r} does not exist")
         if path.suffix == EXPORT_SUFFIX:
             # The exported graph fixed train/eval behaviour at export time; its module refuses .eval().
-            module = _call(source, "torch.export.load", lambda: torch.export.load(path).module())
+            module = _call(source, "torch.export.load", lambda: _load_exported(path))
             return _wrap(source, path.name, module, input_dtype, input_shape, set_eval=False, **options)
         module = _call(source, "torch.jit.load (is it a TorchScript archive from torch.jit.save?)",
                        lambda: torch.jit.load(path, map_location="cpu"))
@@ -130,6 +135,41 @@ def load_model(source: str, *, dtype: str = "float32", channels_last: bool = Fal
         return _wrap(source, source, result, input_dtype, input_shape, **options)
     raise ModelLoadError(f"model source {source!r}: the factory returned {type(result).__name__}; "
                          f"expected an nn.Module or a BuiltModel")
+
+
+def _load_exported(path: Path) -> nn.Module:
+    """``torch.export.load(path).module()``, without unpickling anything but tensors.
+
+    ``torch.export.load`` unpickles parts of the archive freely: payloads flagged
+    ``use_pickle`` and older layouts with ``torch.load(weights_only=False)``,
+    sample inputs that fail a weights-only load by falling back to it, opaque
+    constants with ``pickle.loads``, any of which runs code. Constants that are
+    not plain tensors are refused here, and every ``torch.load`` inside is
+    forced to ``weights_only=True`` (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, read at
+    each call; the worker loads one model at a time at start-up).
+    """
+    from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX
+
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if not name.endswith("_constants_config.json"):
+                continue
+            for fqn, entry in json.loads(archive.read(name)).get("config", {}).items():
+                if not str(entry.get("path_name", "")).startswith(TENSOR_CONSTANT_FILENAME_PREFIX):
+                    raise ModelLoadError(f"constant {fqn!r} is a pickled Python object ({entry.get('path_name')}); "
+                                         f"only tensor constants are loaded")
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        return torch.export.load(path).module()
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError("the archive holds pickled Python objects, not only tensors: refused, since "
+                             "unpickling them could run code") from err
+    finally:
+        if previous is None:
+            del os.environ[_FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
 
 
 def _call(source: str, what: str, fn: Callable[[], Any]) -> Any:

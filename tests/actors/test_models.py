@@ -1,9 +1,13 @@
 """load_model from every kind of source, written for real into tmp_path, and every way it fails."""
 from __future__ import annotations
 
+import io
+import json
+import pathlib
 import pickle
 import sys
 import textwrap
+import zipfile
 
 import pytest
 import torch
@@ -163,6 +167,70 @@ def test_exported_file_in_bf16_returns_float32(tmp_path):
     out = run(built, x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, net(x), rtol=0.05, atol=0.05)
+
+
+class _Touch:
+    """Unpickling it creates a file: proof that a load ran code from the archive."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def _tampered(src, dst, edit) -> None:
+    """Copy the zip archive ``src`` to ``dst`` with ``edit(name, data) -> data`` applied to each entry."""
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as b:
+        for info in a.infolist():
+            b.writestr(info, edit(info.filename, a.read(info.filename)))
+        if extra := edit(None, None):
+            b.writestr(*extra)
+
+
+def _torch_saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _pickled_weight(marker):
+    def edit(name, data):
+        if name is not None and name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return json.dumps(config).encode()
+        if name is not None and name.endswith("weights/weight_0"):
+            return _torch_saved(_Touch(marker))
+        return data
+    return edit
+
+
+def _pickled_sample_inputs(marker):
+    return lambda name, data: _torch_saved(_Touch(marker)) if name and "sample_inputs" in name else data
+
+
+def _opaque_constant(marker):
+    def edit(name, data):
+        if name is None:  # the entry to add
+            return "net/data/constants/opaque_obj_0", pickle.dumps(_Touch(marker))
+        if name.endswith("model_constants_config.json"):
+            return json.dumps({"config": {"c": {"path_name": "opaque_obj_0", "is_param": False,
+                                                "use_pickle": True, "tensor_meta": None}}}).encode()
+        return data
+    return edit
+
+
+@pytest.mark.parametrize("tamper", [_pickled_weight, _pickled_sample_inputs, _opaque_constant])
+def test_exported_file_with_pickled_objects_is_refused_without_running_them(tmp_path, tamper):
+    # torch.export.load alone unpickles each of these freely, creating the marker file.
+    clean, evil, marker = tmp_path / "net.pt2", tmp_path / "evil.pt2", tmp_path / "code_ran"
+    _export(Net().eval(), clean)
+    _tampered(clean, evil, tamper(marker))
+    with pytest.raises(ModelLoadError, match=r"evil\.pt2.*pickled Python object"):
+        load_model(str(evil), input_dtype="float32", input_shape=(8,))
+    assert not marker.exists()
+    load_model(str(clean), input_dtype="float32", input_shape=(8,))  # the untouched archive still loads
 
 
 # -- import paths -------------------------------------------------------------------------------
