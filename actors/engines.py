@@ -86,11 +86,11 @@ class Engine:
         self._owned: list[Stream] = []
         self.replicas: list[Pipeline] = []
         built = build_model(spec.model)
-        if wrap_model is not None:
-            built.model = wrap_model(built.model)
         self.source, self.model_name = spec.model["source"], built.name
         self.input_spec = built.input_spec
         self.memory: MemoryNeed = fit_model(spec.name, built, config, spec.replicas, streams.device)
+        if wrap_model is not None:  # after the memory probe, which runs a full batch: a fault there stops the start
+            built.model = wrap_model(built.model)
         try:
             h2d = self._new_stream()
             for _ in range(spec.replicas):

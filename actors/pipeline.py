@@ -117,7 +117,12 @@ def concat_outputs(parts: list[Any]) -> Any:
         return np.concatenate(parts)
     if isinstance(first, dict):
         return {k: concat_outputs([p[k] for p in parts]) for k in first}
-    return type(first)(concat_outputs(list(leaves)) for leaves in zip(*parts))
+    return _sequence(type(first), [concat_outputs(list(leaves)) for leaves in zip(*parts)])
+
+
+def _sequence(kind: type, items: list[Any]) -> Any:
+    """A tuple, list or namedtuple of ``kind`` holding ``items`` (a namedtuple takes them as arguments)."""
+    return kind(*items) if hasattr(kind, "_fields") else kind(items)
 
 
 def _flatten(obj: Any, path: str = "output") -> tuple[list[torch.Tensor], Any]:
@@ -154,7 +159,7 @@ def _unflatten(spec: Any, leaves: list[Any]) -> Any:
     for count, sub in parts:
         items.append(_unflatten(sub, leaves[i:i + count]))
         i += count
-    return kind(items)
+    return _sequence(kind, items)
 
 
 class _Slot:
@@ -301,6 +306,9 @@ class Pipeline:
         rows = array.shape[0]
         self._free.acquire()
         with self._submit_lock:
+            if self._closed:  # closed while this batch waited for a slot
+                self._free.release()
+                raise RuntimeError(f"pipeline {self.name!r} is closed")
             slot = self._slots[self._cursor]
             try:
                 item = self._enqueue(slot, batch_id, array, rows)
@@ -352,6 +360,10 @@ class Pipeline:
             raise ModelError(batch_id, f"model {self.name!r} raised {type(err).__name__}: {err}") from err
         if spec != self._out_spec or len(leaves) != len(slot.host_out):
             raise ModelError(batch_id, f"model {self.name!r} returned a different output structure than at start-up")
+        for i, (leaf, host) in enumerate(zip(leaves, slot.host_out)):
+            if leaf.shape[:1] != (rows,) or leaf.shape[1:] != host.shape[1:]:
+                raise ModelError(batch_id, f"model {self.name!r} output {i} has shape {tuple(leaf.shape)} for {rows} "
+                                           f"rows; expected ({rows}, {', '.join(map(str, host.shape[1:]))})")
         slot.compute_done.record(self._compute)
         self._d2h.wait_event(slot.compute_done)
         if timed:
@@ -382,28 +394,40 @@ class Pipeline:
 
     # -- completion -------------------------------------------------------------------------------
     def _complete_loop(self) -> None:
+        """End every in-flight batch in slot order: free its slot and settle its future, whatever happens.
+
+        Nothing may escape: with this thread gone, every later batch would wait forever.
+        """
         while (item := self._inflight.get()) is not None:
-            if self._broken:
-                item.future.set_exception(PipelineBrokenError(self._broken))
-                self._free.release()
-                continue
-            slot = item.slot
             try:
-                slot.d2h_done.synchronize()
-                outputs = [np.empty_like(host[:item.rows]) for host in slot.host_out_np]
-                for out, host in zip(outputs, slot.host_out_np):
-                    self._copy_rows(out, host[:item.rows])
-                stage_ms = self._record_timing(item) if item.timed else None
-            except Exception as err:  # a device fault poisons the context: nothing after it is trusted
-                self._broken = f"{type(err).__name__}: {err}"
-                log.error("pipeline %s: device failure on batch %s: %s", self.name, item.batch_id, err)
-                item.future.set_exception(PipelineBrokenError(self._broken))
-                self._free.release()
-                continue
-            self.stats.add(item.rows, slot.host_in[:item.rows].nbytes,
-                           sum(o.nbytes for o in outputs), item.stage_start)
+                outcome: BatchResult | Exception = self._finish(item)
+            except Exception as err:
+                outcome = err
             self._free.release()
-            item.future.set_result(BatchResult(item.batch_id, item.rows, _unflatten(self._out_spec, outputs), stage_ms))
+            if not item.future.set_running_or_notify_cancel():
+                continue  # its caller cancelled it
+            if isinstance(outcome, Exception):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+    def _finish(self, item: _InFlight) -> BatchResult:
+        """Wait for one batch's D2H and copy its outputs out of the slot."""
+        if self._broken:
+            raise PipelineBrokenError(self._broken)
+        slot = item.slot
+        try:
+            slot.d2h_done.synchronize()
+            outputs = [np.empty_like(host[:item.rows]) for host in slot.host_out_np]
+            for out, host in zip(outputs, slot.host_out_np):
+                self._copy_rows(out, host[:item.rows])
+            stage_ms = self._record_timing(item) if item.timed else None
+        except Exception as err:  # a device fault poisons the context: nothing after it is trusted
+            self._broken = f"{type(err).__name__}: {err}"
+            log.error("pipeline %s: device failure on batch %s: %s", self.name, item.batch_id, err)
+            raise PipelineBrokenError(self._broken) from err
+        self.stats.add(item.rows, slot.host_in[:item.rows].nbytes, sum(o.nbytes for o in outputs), item.stage_start)
+        return BatchResult(item.batch_id, item.rows, _unflatten(self._out_spec, outputs), stage_ms)
 
     def _record_timing(self, item: _InFlight) -> dict[str, float]:
         slot = item.slot

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from actors.engines import Engine, EngineSpec
 from actors.errors import DeviceMemoryError
 from actors.models import BuiltModel, InputSpec
 from actors.oom import OomAbove, OomSplitter
@@ -133,3 +134,18 @@ def test_real_cuda_out_of_memory_is_split_and_recovers_with_correct_outputs():
     with torch.inference_mode():
         want = model.to(torch.float64).cpu()(torch.from_numpy(x).to(torch.float64)).numpy()
     np.testing.assert_allclose(result.outputs, want, rtol=1e-3, atol=1e-3)  # fp32 (TF32 off by default) vs fp64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_injected_out_of_memory_spares_the_start_up_memory_probe(device):
+    # faults.<worker>.oom_above_rows wraps the model after the memory probe, which runs a full
+    # batch on CUDA: wrapped before it, the worker failed to start instead of splitting batches.
+    spec = EngineSpec(name="mlp", model={"source": "zoo:tiny_mlp"})
+    with StreamManager(device=device) as sm:
+        engine = Engine(spec, sm, PipelineConfig(max_batch_rows=32), wrap_model=lambda m: OomAbove(m, limit=8))
+        try:
+            assert engine.submit(0, rows(8, seed=1)).result().rows == 8
+            with pytest.raises(DeviceMemoryError, match="batch 1: .* at 32 rows"):
+                engine.submit(1, rows(32, seed=2))
+        finally:
+            engine.close()

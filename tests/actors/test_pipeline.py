@@ -4,6 +4,7 @@ from __future__ import annotations
 import pickle
 import threading
 import time
+import typing
 
 import numpy as np
 import pytest
@@ -13,14 +14,19 @@ from torch import nn
 from actors.bounds import analyse, copy_ceilings
 from actors.errors import InputError, ModelError, PipelineBrokenError
 from actors.models import BuiltModel, InputSpec
-from actors.pipeline import Pipeline, PipelineConfig
+from actors.pipeline import Pipeline, PipelineConfig, concat_outputs
 from actors.streams import StreamManager
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+class Pair(typing.NamedTuple):
+    logits: torch.Tensor
+    top: torch.Tensor
+
+
 class Net(nn.Module):
-    """A small MLP whose output kind (tensor, tuple, dict) is chosen by the test."""
+    """A small MLP whose output kind (tensor, tuple, namedtuple, dict) is chosen by the test."""
 
     def __init__(self, kind: str = "tensor") -> None:
         super().__init__()
@@ -32,6 +38,8 @@ class Net(nn.Module):
         y = self.body(x)
         if self.kind == "tuple":
             return y, y.argmax(dim=1)
+        if self.kind == "namedtuple":
+            return Pair(y, y.argmax(dim=1))
         if self.kind == "dict":
             return {"logits": y, "top": (y.max(dim=1).values,)}
         return y
@@ -83,7 +91,7 @@ def assert_same(got, want, exact):
             assert_same(g, w, exact)
 
 
-@pytest.mark.parametrize("kind", ["tensor", "tuple", "dict"])
+@pytest.mark.parametrize("kind", ["tensor", "tuple", "namedtuple", "dict"])
 def test_outputs_equal_serial_reference_with_ragged_batches(device, kind):
     b = built(kind)
     data = batches([64, 64, 17, 1, 64, 40, 3])
@@ -94,6 +102,19 @@ def test_outputs_equal_serial_reference_with_ragged_batches(device, kind):
     cpu_model = b.model.to("cpu")
     for r, (_, x) in zip(results, data):
         assert_same(r.outputs, reference(cpu_model, x), exact=(device == "cpu"))
+
+
+def test_concat_outputs_keeps_each_tree_kind():
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal((n, 2)) for n in (3, 1, 4)]
+    tops = [rng.integers(0, 9, n) for n in (3, 1, 4)]
+    joined = concat_outputs([Pair(a, b) for a, b in zip(parts, tops)])
+    assert type(joined) is Pair
+    np.testing.assert_array_equal(joined.logits, np.concatenate(parts))
+    np.testing.assert_array_equal(joined.top, np.concatenate(tops))
+    nested = concat_outputs([{"x": [a], "y": (b,)} for a, b in zip(parts, tops)])
+    np.testing.assert_array_equal(nested["x"][0], np.concatenate(parts))
+    assert type(nested["x"]) is list and type(nested["y"]) is tuple
 
 
 def test_read_only_and_torch_inputs_are_accepted():
@@ -159,6 +180,23 @@ def test_model_raising_fails_that_batch_only():
         ok2 = p.submit(*data[2])
         more = [p.submit(10 + i, x) for i, x in batches([3] * 5, seed=5)]
         assert [f.result().batch_id for f in [ok0, ok2, *more]] == [0, 2, 10, 11, 12, 13, 14]
+
+
+def test_output_rows_not_matching_the_batch_fail_that_batch_only():
+    class Pooled(Net):
+        """One row for the whole batch past start-up: a mean that would be broadcast over the output rows."""
+
+        def forward(self, x):
+            y = super().forward(x)
+            return y.mean(0, keepdim=True) if x.shape[0] == 3 else y
+
+    data = batches([4, 3, 5])
+    with StreamManager(device="cpu") as sm, Pipeline(built(model=Pooled().eval()), sm, PipelineConfig(depth=2)) as p:
+        first = p.submit(*data[0])
+        with pytest.raises(ModelError, match=r"batch 1: model 'net-tensor' output 0 has shape \(1, 8\) for 3 rows; "
+                                             r"expected \(3, 8\)"):
+            p.submit(*data[1])
+        assert [f.result().rows for f in (first, p.submit(*data[2]))] == [4, 5]
 
 
 def test_output_without_batch_dimension_is_rejected_at_start_up():
