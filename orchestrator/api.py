@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from actors.errors import OrchestratorError, UnknownModelError, first_line
 from actors.pipeline import concat_outputs
 from actors.worker import RemoteGpuWorker
 from orchestrator.config import RunConfig
-from orchestrator.dispatch import Dispatcher, Result, WorkerRecord, in_order
+from orchestrator.dispatch import Dispatcher, DispatchStats, Result, WorkerRecord, in_order
 from orchestrator.metrics import DriverMetrics, metrics_endpoints
 from orchestrator.sources import batches
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # close() waits this long for killed workers to be gone (cancellation must return within 10 s).
 _CLOSE_DEADLINE_S = 8.0
+# report() and timeline() wait this long for each worker's answer (control calls: never queued behind batches).
+_ASK_TIMEOUT_S = 30.0
 
 
 class WorkerStartError(OrchestratorError, RuntimeError):
@@ -53,9 +56,12 @@ class Orchestrator:
         self.config = RunConfig.model_validate(base)
         self.workers: list[WorkerRecord] = []
         self._started_ray = False
-        self._dispatchers: list[Dispatcher] = []
+        self._dispatch_stats: list[DispatchStats] = []  # one per map, kept for report()
         self._rows_done = 0
-        self._seconds = 0.0
+        self._seconds = 0.0  # wall time with at least one map running (concurrent maps counted once)
+        self._maps_running = 0
+        self._busy_since = 0.0
+        self._clock = threading.Lock()
 
     # -- lifetime -----------------------------------------------------------------------------------
     def __enter__(self) -> Orchestrator:
@@ -68,8 +74,8 @@ class Orchestrator:
     def start(self) -> None:
         cluster = self.config.cluster
         if not ray.is_initialized():
-            if cluster.address is None:
-                ray.init(include_dashboard=False, dashboard_host=cluster.dashboard_host,
+            if cluster.address in (None, "local"):  # may start a Ray here: no dashboard, our metrics port
+                ray.init(address=cluster.address, include_dashboard=False, dashboard_host=cluster.dashboard_host,
                          log_to_driver=True, configure_logging=False,
                          _metrics_export_port=self.config.metrics.export_port)
             else:
@@ -151,7 +157,9 @@ class Orchestrator:
         """Yield each batch's Result as it completes (or in input order with ``ordered=True``).
 
         ``model`` names one of the config's ``models`` (None: the first, or the only ``model``).
-        Maps of different models may run at once, each with its own in-flight window.
+        Maps of different models may run at once, each with its own in-flight window. Bad
+        arguments raise here, not at the first ``next``. Leaving the loop early (``break``)
+        cancels the calls still queued and frees the input.
         """
         if not self.workers:
             raise RuntimeError("Orchestrator is not started; use it as a context manager")
@@ -161,6 +169,10 @@ class Orchestrator:
         rows = batch_rows or cfg.dispatch.batch_rows
         if rows > cfg.pipeline.max_batch_rows:
             raise ValueError(f"batch_rows={rows} exceeds pipeline.max_batch_rows={cfg.pipeline.max_batch_rows}")
+        return self._results(inputs, model, ordered, rows)
+
+    def _results(self, inputs: Any, model: str, ordered: bool, rows: int) -> Iterator[Result]:
+        cfg = self.config
         progress = _progress_bar(cfg.dispatch.progress, _total_rows(inputs))
         dispatcher = Dispatcher(
             self.workers, window=cfg.window(model), model=model, on_error=cfg.errors.on_error,
@@ -169,17 +181,32 @@ class Orchestrator:
             max_ahead=cfg.dispatch.reorder_window if ordered else None,
             on_result=(lambda r: progress.update(r.rows)) if progress else None,
             events=self.driver_metrics.events(model))
-        self._dispatchers.append(dispatcher)
+        self._dispatch_stats.append(dispatcher.stats)
         stream = dispatcher.run(batches(inputs, rows))
-        started = time.perf_counter()
+        self._map_started()
         try:
             for result in in_order(stream) if ordered else stream:
-                self._rows_done += result.rows
+                if result.error is None:
+                    with self._clock:  # maps of several models count from their own threads
+                        self._rows_done += result.rows
                 yield result
         finally:
-            self._seconds += time.perf_counter() - started
+            self._map_ended()
+            dispatcher.close()
             if progress:
                 progress.close()
+
+    def _map_started(self) -> None:
+        with self._clock:
+            if self._maps_running == 0:
+                self._busy_since = time.perf_counter()
+            self._maps_running += 1
+
+    def _map_ended(self) -> None:
+        with self._clock:
+            self._maps_running -= 1
+            if self._maps_running == 0:
+                self._seconds += time.perf_counter() - self._busy_since
 
     def generate(self, prompts: Any, *, ordered: bool | None = None,
                  batch_rows: int | None = None) -> Iterator[Result]:
@@ -197,10 +224,14 @@ class Orchestrator:
 
     def run(self, inputs: Any, *, batch_rows: int | None = None, model: str | None = None) -> Any:
         """All outputs in input order, concatenated along rows (same tree as the model's outputs)."""
-        results = [r for r in self.map(inputs, ordered=True, batch_rows=batch_rows, model=model) if r.error is None]
-        if not results:
-            return None
-        return concat_outputs([r.outputs for r in results])
+        results = list(self.map(inputs, ordered=True, batch_rows=batch_rows, model=model))
+        skipped = [r.batch_id for r in results if r.error is not None]
+        if skipped:  # errors.on_error=skip: the outputs no longer line up with the inputs row for row
+            log.warning("run: %d batches failed and were skipped (ids %s%s); their rows are missing from the "
+                        "outputs (map() gives each batch's id)", len(skipped), skipped[:10],
+                        ", ..." if len(skipped) > 10 else "")
+        outputs = [r.outputs for r in results if r.error is None]
+        return concat_outputs(outputs) if outputs else None
 
     def _model_name(self, model: str | None) -> str:
         names = self.config.model_names
@@ -212,15 +243,10 @@ class Orchestrator:
 
     def report(self) -> dict[str, Any]:
         """Throughput, per-worker figures (stage times, bound analysis), per-model totals and dispatch counters."""
-        per_worker = []
-        for worker, ref in [(w, w.actor.stats.remote()) for w in self.workers if w.live]:
-            try:
-                per_worker.append(ray.get(ref))
-            except ray.exceptions.RayActorError as err:  # died since the last batch; the next run notices
-                log.warning("worker %s did not report: %s", worker.name, first_line(err))
+        per_worker = self._ask_workers("stats")
         dispatch: dict[str, Any] = {}
-        for d in self._dispatchers:
-            for key, value in vars(d.stats).items():
+        for stats in self._dispatch_stats:
+            for key, value in vars(stats).items():
                 dispatch[key] = dispatch.get(key, [] if isinstance(value, list) else 0) + value
         return {
             "rows": self._rows_done,
@@ -236,7 +262,18 @@ class Orchestrator:
 
     def timeline(self) -> list[dict[str, Any]]:
         """Chrome-trace events of every worker (needs ``pipeline.timeline=True``)."""
-        return [e for trace in ray.get([w.actor.timeline.remote() for w in self.workers if w.live]) for e in trace]
+        return [e for trace in self._ask_workers("timeline") for e in trace]
+
+    def _ask_workers(self, method: str) -> list[Any]:
+        """``method``'s answer from every live worker; one that died or does not answer in time is left out."""
+        answers = []
+        for worker, ref in [(w, getattr(w.actor, method).remote()) for w in self.workers if w.live]:
+            try:
+                answers.append(ray.get(ref, timeout=_ASK_TIMEOUT_S))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                # died or hung since the last batch; the next run notices
+                log.warning("worker %s did not answer %s(): %s", worker.name, method, first_line(err))
+        return answers
 
 
 def _per_model(per_worker: list[dict[str, Any]]) -> dict[str, Any]:

@@ -216,6 +216,16 @@ class Dispatcher:
         self._ledger = _Ledger()
         self._taken = 0  # batches drawn from the source so far
 
+    def close(self) -> None:
+        """Let go of a run that was left before its end (a ``break``, an error): cancel the calls still
+        queued on workers and drop every reference, so the input and outputs can be freed. Keeps ``stats``."""
+        for ref in self._pending:
+            ray.cancel(ref)  # a queued call is dropped; one already running finishes and is discarded
+        self._pending.clear()
+        self._retry.clear()
+        self._avoid.clear()
+        self._attempts.clear()
+
     # -- the loop -------------------------------------------------------------------------------
     def run(self, source: Iterator[Batch]) -> Iterator[Result]:
         source = iter(source)
@@ -227,7 +237,7 @@ class Dispatcher:
             probes = {probe: w for w in self.workers if (probe := w.probe) is not None}
             if not self._pending and not probes:
                 if not self._live():
-                    raise NoWorkersError(self._death_summary())
+                    raise NoWorkersError(self._death_summary(exhausted))
                 continue
             waitables = [*self._pending, *probes]
             ready, _ = ray.wait(waitables, num_returns=1, timeout=_WAIT_S)
@@ -370,10 +380,14 @@ class Dispatcher:
         for worker in self.workers:
             worker.expire_probe(now, self.probe_timeout_s)
 
-    def _death_summary(self) -> str:
+    def _death_summary(self, exhausted: bool) -> str:
         gone = "; ".join(w.gone for w in self.workers if w.gone)
+        unrun = sorted(b.batch_id for b in self._retry)
+        never = "" if exhausted else f"every batch from {self._taken} on"
+        left = ", ".join(filter(None, [", ".join(map(str, unrun)), never])) or "none"
         return (f"all {len(self.workers)} workers died and none could be restarted: {gone} "
-                f"({self.stats.worker_deaths} deaths, {self.stats.completed} batches completed before)")
+                f"({self.stats.worker_deaths} deaths, {self.stats.completed} batches completed before; "
+                f"batches not run: {left})")
 
 
 def in_order(results: Iterator[Result]) -> Iterator[Result]:

@@ -24,7 +24,7 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class Batch:
     batch_id: int
-    rows: int | None  # None when only the worker learns it (an ObjectRef of unknown shape)
+    rows: int | None  # None when only the worker learns it (an ObjectRef from an iterable)
     source: Any  # ObjectRef | np.ndarray | torch.Tensor | str (a .npy path)
     start: int = 0
     stop: int | None = None
@@ -86,7 +86,7 @@ def batches(inputs: Any, batch_rows: int) -> Iterator[Batch]:
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     if isinstance(inputs, torch.Tensor):
-        inputs = inputs.numpy() if inputs.device.type == "cpu" else inputs.cpu().numpy()
+        inputs = _host_array(inputs, "inputs")
     if isinstance(inputs, np.ndarray):
         if inputs.ndim == 0:
             raise ValueError("inputs: a 0-d array has no rows")
@@ -111,7 +111,8 @@ def batches(inputs: Any, batch_rows: int) -> Iterator[Batch]:
         for i, (a, b) in enumerate(_ranges(inputs.rows, batch_rows)):
             yield Batch(i, b - a, inputs.batch(i, a, b))
     elif isinstance(inputs, ray.ObjectRef):
-        yield Batch(0, None, inputs)
+        total = ray.get(_row_count.remote(inputs))  # the array stays where it is: only its length travels
+        yield from (Batch(i, b - a, inputs, a, b) for i, (a, b) in enumerate(_ranges(total, batch_rows)))
     elif _is_ray_dataset(inputs):
         for i, item in enumerate(inputs.iter_batches(batch_size=batch_rows, batch_format="numpy")):
             arr = item if isinstance(item, np.ndarray) else _only_column(item)
@@ -121,6 +122,7 @@ def batches(inputs: Any, batch_rows: int) -> Iterator[Batch]:
             if isinstance(item, ray.ObjectRef):
                 yield Batch(i, None, item)
             elif isinstance(item, (np.ndarray, torch.Tensor)):
+                item = _host_array(item, f"batch {i}") if isinstance(item, torch.Tensor) else item
                 yield Batch(i, len(item) if item.ndim else 0, item)
             else:
                 raise TypeError(f"batch {i}: an iterable of inputs must yield arrays, tensors or ObjectRefs, "
@@ -128,6 +130,23 @@ def batches(inputs: Any, batch_rows: int) -> Iterator[Batch]:
     else:
         raise TypeError(f"unsupported inputs {type(inputs).__name__}: give a numpy array, torch tensor, iterable of "
                         f"batches, ObjectRef(s), .npy or .parquet path, Npy, Parquet, Synthetic or a Ray Dataset")
+
+
+def _host_array(tensor: torch.Tensor, what: str) -> np.ndarray:
+    """A tensor's values as a host numpy array (what workers are sent), whatever device it is on."""
+    try:
+        return tensor.detach().cpu().numpy()
+    except TypeError as err:  # bfloat16 and other dtypes numpy lacks
+        raise TypeError(f"{what}: a {tensor.dtype} tensor has no numpy equivalent; convert it to the model's "
+                        f"input dtype first (e.g. tensor.float())") from err
+
+
+@ray.remote(num_cpus=0)
+def _row_count(value: Any) -> int:
+    """Rows of the array an ObjectRef input holds, read where the object lies."""
+    if not hasattr(value, "shape") or not len(value.shape):
+        raise TypeError(f"an ObjectRef input must hold an array or tensor with rows, got {type(value).__name__}")
+    return int(value.shape[0])
 
 
 def _is_ray_dataset(obj: Any) -> bool:

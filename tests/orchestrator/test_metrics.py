@@ -11,6 +11,8 @@ import collections
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -222,3 +224,26 @@ def test_each_model_of_a_multi_model_worker_is_exported_under_its_own_model_labe
         series, problems = _scrape_until(url, check)
     assert not problems, problems
     assert {labels["model"] for labels, _ in series[name + "stage_seconds_total"]} >= {"small", "wide"}
+
+
+def test_a_local_ray_started_for_address_local_exports_on_the_configured_port():
+    """``cluster.address: local`` starts a Ray like the default does: no dashboard, metrics on ``export_port``."""
+    for module in ("aiohttp", "opencensus", "prometheus_client"):
+        pytest.importorskip(module, reason=f"Ray's metrics agent needs ray[default] ({module})")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = f"""
+import urllib.request
+from orchestrator import Orchestrator, RunConfig
+config = RunConfig.model_validate({{"cluster": {{"address": "local", "cpu_workers": 1}},
+                                   "metrics": {{"export_port": {port}}}, "dispatch": {{"progress": False}}}})
+with Orchestrator(config) as orch:
+    import ray
+    assert ray.is_initialized()
+    text = urllib.request.urlopen("http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    print("scraped", len(text) > 0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0 and "scraped True" in done.stdout, done.stderr[-2000:]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 
@@ -99,6 +100,8 @@ def test_no_worker_left_fails_clearly_and_keeps_completed_results():
             for r in o.map(x):
                 got.append(r)
     assert "worker-0 is dead (" in str(caught.value) and "worker-1 is dead (" in str(caught.value)
+    # The batches that never ran are named: those re-queued by the deaths, then the rest of the input.
+    assert re.search(r"batches not run: (\d+, )*every batch from \d+ on\)$", str(caught.value)), str(caught.value)
     assert 1 <= len(got) <= 10 and len({r.batch_id for r in got}) == len(got)
     for r in got:
         np.testing.assert_array_equal(r.outputs, reference(x[32 * r.batch_id:32 * (r.batch_id + 1)], batch_rows=32))
@@ -164,7 +167,8 @@ def test_out_of_memory_batches_are_split_reported_and_still_right():
 
 
 def test_leaving_the_context_mid_run_returns_fast_and_leaves_no_actors():
-    cfg = config(faults={"worker-0": {"delay_s": 0.5}, "worker-1": {"delay_s": 0.5}})
+    # worker-0's batches take a minute each: returning well inside that shows close() did not wait for them.
+    cfg = config(faults={"worker-0": {"delay_s": 60.0}})
     o = Orchestrator(cfg)
     o.start()
     handles = [w.actor for w in o.workers]
@@ -173,7 +177,7 @@ def test_leaving_the_context_mid_run_returns_fast_and_leaves_no_actors():
     started = time.monotonic()
     stream.close()
     o.close()
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 45
     for handle in handles:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(handle.ping.remote(), timeout=30)
