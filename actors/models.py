@@ -180,17 +180,25 @@ def _call(source: str, what: str, fn: Callable[[], Any]) -> Any:
         raise ModelLoadError(f"model source {source!r}: {what} failed: {detail}") from err
 
 
+def input_numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype ``name`` means, if torch has it too (input rows are handed to torch as they are)."""
+    try:
+        dtype = np.dtype(name)
+        torch.from_numpy(np.empty(0, dtype))
+    except TypeError as err:
+        raise ValueError(f"input_dtype {name!r} is not a numpy dtype that torch accepts") from err
+    return dtype
+
+
 def _input_spec(source: str, input_dtype: str | None, input_shape: Sequence[int] | None) -> InputSpec:
     for field, value, example in (("input_dtype", input_dtype, "'float32'"), ("input_shape", input_shape, "[16]")):
         if value is None:
             raise ModelLoadError(f"model source {source!r} gives a bare module, so {field} is required "
                                  f"(for one input row, without the batch dimension, e.g. {example})")
     try:
-        np_dtype = np.dtype(input_dtype)
-        torch.from_numpy(np.empty(0, np_dtype))
-    except TypeError as err:
-        raise ModelLoadError(f"model source {source!r}: input_dtype {input_dtype!r} is not a numpy dtype "
-                             f"that torch accepts") from err
+        np_dtype = input_numpy_dtype(input_dtype)
+    except ValueError as err:
+        raise ModelLoadError(f"model source {source!r}: {err}") from err
     if isinstance(input_shape, (str, bytes)) or not all(
             isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in input_shape):
         raise ModelLoadError(f"model source {source!r}: input_shape {input_shape!r} must be a sequence of "

@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -34,11 +35,32 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="compute precision")
     channels_last: bool = Field(False, description="channels_last memory format (image models)")
     input_dtype: str | None = Field(None, description="row dtype; needed by a bare nn.Module or TorchScript file")
-    input_shape: tuple[int, ...] | None = Field(None, description="row shape without the batch dimension")
+    input_shape: tuple[Annotated[int, Field(gt=0)], ...] | None = Field(None, description="row shape without the "
+                                                                                         "batch dimension")
     postprocess: str | None = Field(None, description="'argmax', 'topkK' (e.g. 'topk5') or 'none'; "
                                                       "default: the model's own ('argmax' for the ResNets)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a factory or zoo model")
     seed: int = Field(0, description="torch seed set before building, so every worker builds the same random weights")
+
+    @field_validator("input_dtype")
+    @classmethod
+    def _known_input_dtype(cls, name: str | None) -> str | None:
+        from actors.models import input_numpy_dtype
+
+        return None if name is None else input_numpy_dtype(name).name
+
+    @field_validator("postprocess")
+    @classmethod
+    def _known_postprocess(cls, name: str | None) -> str | None:
+        from actors.errors import ModelLoadError
+        from actors.zoo import build_postprocess
+
+        if name is not None:
+            try:
+                build_postprocess(name, torch.float32)
+            except ModelLoadError as err:
+                raise ValueError(str(err)) from None
+        return name
 
     @field_validator("source")
     @classmethod
