@@ -66,6 +66,7 @@ class _Region:
     owner: np.ndarray | None  # the array kept alive while registered; None for a process-long mapping
     chunk_bytes: int  # registration granularity: CHUNK_BYTES for a mapping, the whole span for an array
     fences: dict[int, Any] = dataclasses.field(default_factory=dict)  # per user: event after its last copy
+    copying: set[int] = dataclasses.field(default_factory=set)  # users between pieces() and fenced()
     chunks: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # chunk start -> byte view
     failed: bool = False
 
@@ -83,16 +84,18 @@ class HostPinner:
         self._lock = threading.Lock()
         self._users = 0
         self._regions: list[_Region] = []  # sorted by lo, disjoint
+        self._copying: dict[int, _Region] = {}  # user -> the region it is enqueuing copies from
         self._reads: dict[int, tuple[weakref.ref, int]] = {}  # arrays not registered yet: address -> bytes read
         self._shm: list[tuple[int, int]] = []  # /dev/shm mappings, read from /proc/self/maps
         self._shm_read_at = -float("inf")
 
-    def pieces(self, array: np.ndarray, user: int, fence: Any) -> list[torch.Tensor] | None:
+    def pieces(self, array: np.ndarray, user: int) -> list[torch.Tensor] | None:
         """Byte views covering ``array``'s memory, each inside one registration; None: stage it.
 
-        ``fence`` is the event that ``user`` (a pipeline) records on its H2D stream
-        after copying from these views; a region is unregistered only once every
-        user's latest fence on it has completed.
+        ``user`` (a pipeline, one batch at a time) then enqueues its copies from the
+        views and calls ``fenced`` with the event recorded after them. Until then the
+        region counts as busy; after, it is unregistered only once every user's latest
+        fence on it has completed.
         """
         if not array.flags.c_contiguous or self._clear_error is None:
             return None
@@ -112,8 +115,17 @@ class HostPinner:
                 end = min(hi, chunk + view.numel())
                 views.append(view[start - chunk:end - chunk])
                 start = end
-            region.fences[user] = fence
+            region.copying.add(user)
+            self._copying[user] = region
             return views
+
+    def fenced(self, user: int, fence: Any) -> None:
+        """``user``'s copies from its last ``pieces`` are enqueued, and ``fence`` is recorded after them."""
+        with self._lock:
+            region = self._copying.pop(user, None)
+            if region is not None:
+                region.copying.discard(user)
+                region.fences[user] = fence
 
     def acquire(self, budget_bytes: int) -> HostPinner:
         """One more pipeline uses the registry; the budget is the largest any current user asked for."""
@@ -128,13 +140,16 @@ class HostPinner:
         """A pipeline is done (its copies have finished); the last one out unregisters everything."""
         with self._lock:
             self._users -= 1
+            self._copying.pop(user, None)
             for region in self._regions:
                 region.fences.pop(user, None)
+                region.copying.discard(user)
             if self._users == 0:
                 for region in self._regions:
                     self._unregister(region)
                 self._regions = []
                 self._reads = {}
+                self._copying = {}
 
     # -- regions ------------------------------------------------------------------------------
     def _find(self, lo: int, hi: int) -> _Region | None:
@@ -216,7 +231,7 @@ class HostPinner:
         for region in list(self._regions):
             if self.registered_bytes + need <= self.budget_bytes:
                 break
-            idle = all(fence.query() for fence in region.fences.values())
+            idle = not region.copying and all(fence.query() for fence in region.fences.values())
             if region is not keep and region.owner is not None and idle:
                 self._unregister(region)
                 self._regions.remove(region)

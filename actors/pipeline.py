@@ -5,9 +5,10 @@ pinned host outputs. ``submit`` validates a batch, stages it into the next free
 slot (or, when its memory can be pinned in place, copies straight from it:
 ``actors.pinning``), and enqueues H2D -> compute -> D2H, chained by events, without blocking
 on the device. A completion thread waits on each batch's ``d2h_done`` event in
-submission order (``Event.synchronize`` releases the GIL, so nothing spins),
-copies the outputs out of the slot, frees the slot and resolves the batch's
-future. Batch n+1 copies in while batch n computes and batch n-1 copies out.
+submission order (``Event.synchronize`` releases the GIL, so the other threads
+run meanwhile; CUDA's default scheduling spins that thread's core while it
+waits), copies the outputs out of the slot, frees the slot and resolves the
+batch's future. Batch n+1 copies in while batch n computes and batch n-1 copies out.
 
 Allocator safety: the device input is owned by the slot; model outputs are
 allocated on the compute stream and read by the D2H stream, so each is marked
@@ -330,23 +331,27 @@ class Pipeline:
     def _enqueue(self, slot: _Slot, batch_id: int, array: np.ndarray, rows: int) -> _InFlight:
         timed = self.config.timing_every > 0 and next(self._counter) % self.config.timing_every == 0
         t0 = time.perf_counter()
-        in_place = self.pinner.pieces(array, id(self), slot.h2d_done) if self.pinner is not None else None
+        in_place = self.pinner.pieces(array, id(self)) if self.pinner is not None else None
         if in_place is None:
             self._copy_rows(slot.host_in_np[:rows], array)
         t1 = time.perf_counter()
         streams = self.streams
         if timed:
             slot.h2d_start.record(self._h2d)
-        if in_place is not None:
-            with streams.use(self._h2d):
-                offset = 0
-                for piece in in_place:
-                    slot.dev_in_bytes[offset:offset + piece.numel()].copy_(piece, non_blocking=True)
-                    offset += piece.numel()
-        elif slot.dev_in is not slot.host_in:
-            with streams.use(self._h2d):
-                slot.dev_in[:rows].copy_(slot.host_in[:rows], non_blocking=True)
-        slot.h2d_done.record(self._h2d)
+        try:
+            if in_place is not None:
+                with streams.use(self._h2d):
+                    offset = 0
+                    for piece in in_place:
+                        slot.dev_in_bytes[offset:offset + piece.numel()].copy_(piece, non_blocking=True)
+                        offset += piece.numel()
+            elif slot.dev_in is not slot.host_in:
+                with streams.use(self._h2d):
+                    slot.dev_in[:rows].copy_(slot.host_in[:rows], non_blocking=True)
+        finally:  # after whatever copies were enqueued, errors included: the region may not go before them
+            slot.h2d_done.record(self._h2d)
+            if in_place is not None:
+                self.pinner.fenced(id(self), slot.h2d_done)
         self._compute.wait_event(slot.h2d_done)
         if timed:
             slot.compute_start.record(self._compute)

@@ -146,3 +146,39 @@ def test_pinning_off_stages_everything():
     outs, during, _ = _run(built, batches, pin_in_place_gb=0)
     _check(built, batches, outs)
     assert during is None
+
+
+def test_a_region_is_not_evicted_between_handing_out_pieces_and_their_fence():
+    """User A copies from array ``a`` (held back on its stream) and asks for more pieces of it; user B
+    then needs budget. ``a`` must stay registered: A's copy is pending, and its next fence is not
+    recorded yet (before the fix its old, completed event made ``a`` look idle, and it was evicted)."""
+    from actors.pinning import HostPinner
+
+    rng = np.random.default_rng(7)
+    a, b = (rng.standard_normal((BATCH, WIDTH), dtype=np.float32) for _ in range(2))  # 64 MiB each
+    budget = a.nbytes + a.nbytes // 2  # room for one of them
+    pinner = HostPinner(budget)
+    user_a, user_b = 1, 2
+    for _ in (user_a, user_b):
+        pinner.acquire(budget)
+    stream, done = torch.cuda.Stream(), torch.cuda.Event()
+    device_a = torch.empty(a.nbytes, dtype=torch.uint8, device="cuda")
+    try:
+        assert pinner.pieces(a[:1], user_a) is None  # first pass: staged
+        pinner.fenced(user_a, done)
+        views = pinner.pieces(a, user_a)  # second pass: registered
+        assert views is not None and pinner.as_dict()["registrations"] == 1
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(200_000_000)  # hold the copy back (about 0.1 s)
+            device_a.copy_(views[0], non_blocking=True)
+            done.record(stream)
+        pinner.fenced(user_a, done)
+        assert pinner.pieces(a[BATCH // 2:], user_a) is not None  # A's next batch, fence not recorded yet
+        assert pinner.pieces(b[:1], user_b) is None and pinner.pieces(b, user_b) is None  # no room: staged
+        assert pinner.as_dict()["evictions"] == 0
+        stream.synchronize()
+        assert torch.equal(device_a.cpu(), torch.from_numpy(a.view(np.uint8).reshape(-1)))
+    finally:
+        stream.synchronize()
+        pinner.release(user_a)
+        pinner.release(user_b)
