@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec orchestrator run --config "${1:-configs/cpu_default.yaml}" "${@:2}"
+exec "${PYTHON:-python3}" -m orchestrator run --config "${1:-configs/cpu_default.yaml}" "${@:2}"

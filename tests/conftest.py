@@ -1,4 +1,4 @@
-"""Shared fixtures: the GPU skip switch and a session-scoped local Ray cluster."""
+"""Shared hooks: the GPU skip switch."""
 from __future__ import annotations
 
 import os
@@ -7,15 +7,13 @@ import pytest
 import torch
 
 
+def _gpu_tests_required() -> bool:
+    """On the GPU machine (``ORCH_GPU_TESTS=1``) a missing CUDA device must fail GPU tests, never skip them."""
+    return os.environ.get("ORCH_GPU_TESTS") == "1"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    if os.environ.get("ORCH_GPU_TESTS") == "1":
-        # On the GPU machine a missing CUDA device must fail, never pass as skipped.
-        fail = pytest.mark.usefixtures("_cuda_required")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(fail)
+    if torch.cuda.is_available() or _gpu_tests_required():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (set ORCH_GPU_TESTS=1 to make this a failure)")
     for item in items:
@@ -23,6 +21,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture
-def _cuda_required() -> None:
-    pytest.fail("ORCH_GPU_TESTS=1 but torch sees no CUDA device")
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "gpu" in item.keywords and _gpu_tests_required() and not torch.cuda.is_available():
+        pytest.fail("ORCH_GPU_TESTS=1 but torch sees no CUDA device")

@@ -172,7 +172,8 @@ def test_an_input_of_the_wrong_dtype_exits_2(tmp_path):
 
 def test_npy_outputs_come_with_their_batch_ids(tmp_path):
     ids = np.array([0, 0, 1, 2], np.int64)
-    outputs = [np.ones((2, 3), np.float32), np.full((1, 3), 2, np.float32), np.full((1, 3), 3, np.float32)]
+    rng = np.random.default_rng(0)
+    outputs = [rng.standard_normal((n, 3)).astype(np.float32) for n in (2, 1, 1)]
     assert cli.write_outputs(str(tmp_path / "o.npy"), ids, outputs) == 4
     np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), np.concatenate(outputs))
     np.testing.assert_array_equal(np.load(tmp_path / "o.batch_ids.npy"), ids)
@@ -184,13 +185,17 @@ def test_npy_outputs_come_with_their_batch_ids(tmp_path):
 
 def test_parquet_outputs_have_batch_ids_and_a_column_per_output(tmp_path):
     ids = np.array([0, 0, 1], np.int64)
-    outputs = [(np.ones((2, 2, 2), np.float32), np.array([5, 6])), (np.zeros((1, 2, 2), np.float32), np.array([7]))]
+    rng = np.random.default_rng(1)
+    grids = [rng.standard_normal((n, 2, 2)).astype(np.float32) for n in (2, 1)]
+    outputs = [(grids[0], np.array([5, 6])), (grids[1], np.array([7]))]
     cli.write_outputs(str(tmp_path / "o.parquet"), ids, outputs)
     table = pq.read_table(tmp_path / "o.parquet")
     assert table.column_names == ["batch_id", "output_0", "output_1"]
     assert table.column("batch_id").to_pylist() == [0, 0, 1]
     assert table.column("output_1").to_pylist() == [5, 6, 7]
-    assert table.column("output_0").to_pylist()[2] == [0.0] * 4
+    # Each row's 2x2 grid flattened in C order: a transposed or shuffled row would differ.
+    np.testing.assert_array_equal(np.array(table.column("output_0").to_pylist(), np.float32).reshape(-1, 2, 2),
+                                  np.concatenate(grids))
     assert json.loads(table.schema.metadata[b"row_shapes"]) == {"output_0": [2, 2], "output_1": []}
 
 
