@@ -246,9 +246,12 @@ class Pipeline:
     def _probe_outputs(self) -> tuple[Any, list[tuple[tuple[int, ...], torch.dtype]]]:
         """Run the model once on random rows to learn the output tree and row shapes."""
         rows = min(2, self.config.max_batch_rows)
-        with torch.inference_mode():
-            out = self._run_model(self._random_rows(rows))
-        leaves, spec = _flatten(out)
+        try:
+            with torch.inference_mode():
+                leaves, spec = _flatten(self._run_model(self._random_rows(rows)))
+        except Exception as err:  # a broken model: say which, since a worker may host several
+            raise ModelError(-1, f"model {self.name!r} failed its start-up run on {rows} random rows: "
+                                 f"{type(err).__name__}: {err}") from err
         shapes = []
         for i, leaf in enumerate(leaves):
             if leaf.dim() == 0 or leaf.shape[0] != rows:

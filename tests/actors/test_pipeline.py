@@ -199,6 +199,17 @@ def test_output_rows_not_matching_the_batch_fail_that_batch_only():
         assert [f.result().rows for f in (first, p.submit(*data[2]))] == [4, 5]
 
 
+def test_a_model_that_raises_at_start_up_is_named():
+    class Broken(nn.Module):
+        def forward(self, x):
+            return x @ torch.ones(3, 3)  # rows are 16 wide
+
+    with StreamManager(device="cpu") as sm, pytest.raises(ModelError, match=r"model 'net-tensor' failed its "
+                                                                              r"start-up run on 2 random rows: "
+                                                                              r"RuntimeError: mat1 and mat2"):
+        Pipeline(built(model=Broken()), sm)
+
+
 def test_output_without_batch_dimension_is_rejected_at_start_up():
     class Scalar(nn.Module):
         def forward(self, x):

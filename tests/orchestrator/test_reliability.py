@@ -239,3 +239,42 @@ def test_hundred_thousand_tiny_batches_constant_driver_memory():
     assert count == 100_000 and report["dispatch"]["duplicates_dropped"] == 0
     # Python heap held by the driver does not grow with the number of batches done.
     assert max(peaks) - min(peaks) < 2 << 20, peaks
+
+
+def test_a_batch_past_its_deadline_marks_the_worker_hung_and_runs_elsewhere():
+    # worker-0 sleeps a minute a batch: past batch_timeout_s it is killed (Ray restarts it) and its
+    # batches run on worker-1; each batch ends once.
+    x = rows(32 * 12, seed=12)
+    cfg = config(faults={"worker-0": {"delay_s": 60.0}}, dispatch={"batch_timeout_s": 3, "inflight_per_worker": 2})
+    with Orchestrator(cfg) as o:
+        results = list(o.map(x))
+        report = o.report()
+    check_exactly_once(results, 12, x, batch_rows=32)
+    d = report["dispatch"]
+    assert d["hung_batches"] >= 1 and d["worker_deaths"] >= 1 and d["failed"] == 0
+    assert {r.worker for r in results} == {"worker-1"}
+
+
+def test_ordered_maps_run_at_most_the_reorder_window_ahead():
+    # worker-0 holds its first batch for 2 s; the rest flow through worker-1, but in input order
+    # nothing can be handed out before batch 0, so the driver may draw only reorder_window ahead.
+    window = 4
+    cfg = config(faults={"worker-0": {"delay_s": 2.0}}, dispatch={"reorder_window": window, "inflight_per_worker": 1})
+    x = rows(32 * 40, seed=13)
+    drawn = 0
+
+    def source():
+        nonlocal drawn
+        for i in range(40):
+            drawn += 1
+            yield x[32 * i:32 * (i + 1)]
+
+    with Orchestrator(cfg) as o:
+        ahead = []
+        results = []
+        for r in o.map(source(), ordered=True):
+            ahead.append(drawn - len(results))
+            results.append(r)
+    assert [r.batch_id for r in results] == list(range(40))
+    assert max(ahead) <= window, ahead
+    np.testing.assert_array_equal(np.concatenate([r.outputs for r in results]), reference(x, batch_rows=32))
