@@ -20,14 +20,18 @@ def config(**sections) -> RunConfig:
     return run_config(32, **sections)
 
 
+def run_and_report(cfg: RunConfig, x: np.ndarray) -> tuple[list, dict]:
+    """Every batch's Result (completion order) and the report, from a fresh Orchestrator."""
+    with Orchestrator(cfg) as o:
+        return list(o.map(x)), o.report()
+
+
 def test_worker_process_exits_mid_run_batches_are_redispatched_and_it_rejoins():
     x = rows(32 * 400, seed=1)
     slow = {"delay_s": 0.05}  # long enough a run for the restarted worker to come back
     cfg = config(faults={"worker-0": {**slow, "exit_after_batches": 10}, "worker-1": slow},
                  cluster={"max_worker_restarts": 5})
-    with Orchestrator(cfg) as o:
-        results = list(o.map(x))
-        report = o.report()
+    results, report = run_and_report(cfg, x)
     check_exactly_once(results, 400, x, batch_rows=32)
     d = report["dispatch"]
     assert d["worker_deaths"] >= 1 and d["retried"] >= 1 and d["failed"] == 0
@@ -111,9 +115,7 @@ def test_retry_policy_moves_a_failing_batch_to_another_worker():
     x = rows(32 * 20, seed=4)
     cfg = config(faults={"worker-0": {"raise_on_batches": [3, 4, 5, 6]}},
                  errors={"on_error": "retry", "max_retries": 2})
-    with Orchestrator(cfg) as o:
-        results = list(o.map(x))
-        report = o.report()
+    results, report = run_and_report(cfg, x)
     check_exactly_once(results, 20, x, batch_rows=32)
     assert all(r.worker == "worker-1" for r in results if r.batch_id in (3, 4, 5, 6))
     assert report["dispatch"]["failed"] == 0
@@ -151,9 +153,7 @@ def test_out_of_memory_batches_are_split_reported_and_still_right():
     # worker-0's model "runs out of memory" above 8 rows: each of its 32-row batches is run as four 8-row parts.
     x = rows(32 * 24, seed=8)
     cfg = config(faults={"worker-0": {"oom_above_rows": 8}})
-    with Orchestrator(cfg) as o:
-        results = list(o.map(x))
-        report = o.report()
+    results, report = run_and_report(cfg, x)
     assert sorted(r.batch_id for r in results) == list(range(24))
     got = np.concatenate([r.outputs for r in sorted(results, key=lambda r: r.batch_id)])
     np.testing.assert_allclose(got, reference(x, batch_rows=32), rtol=1e-5, atol=1e-6)  # fp32 rounding only
@@ -246,9 +246,7 @@ def test_a_batch_past_its_deadline_marks_the_worker_hung_and_runs_elsewhere():
     # batches run on worker-1; each batch ends once.
     x = rows(32 * 12, seed=12)
     cfg = config(faults={"worker-0": {"delay_s": 60.0}}, dispatch={"batch_timeout_s": 3, "inflight_per_worker": 2})
-    with Orchestrator(cfg) as o:
-        results = list(o.map(x))
-        report = o.report()
+    results, report = run_and_report(cfg, x)
     check_exactly_once(results, 12, x, batch_rows=32)
     d = report["dispatch"]
     assert d["hung_batches"] >= 1 and d["worker_deaths"] >= 1 and d["failed"] == 0
