@@ -199,6 +199,20 @@ def test_output_rows_not_matching_the_batch_fail_that_batch_only():
         assert [f.result().rows for f in (first, p.submit(*data[2]))] == [4, 5]
 
 
+def test_an_output_tree_that_changes_after_start_up_fails_that_batch_only():
+    class Shifty(Net):
+        def forward(self, x):
+            y = super().forward(x)
+            return (y, y) if x.shape[0] == 3 else y
+
+    data = batches([4, 3, 5])
+    with StreamManager(device="cpu") as sm, Pipeline(built(model=Shifty().eval()), sm, PipelineConfig(depth=2)) as p:
+        first = p.submit(*data[0])
+        with pytest.raises(ModelError, match="batch 1: model 'net-tensor' returned a different output structure"):
+            p.submit(*data[1])
+        assert [f.result().rows for f in (first, p.submit(*data[2]))] == [4, 5]
+
+
 def test_a_model_that_raises_at_start_up_is_named():
     class Broken(nn.Module):
         def forward(self, x):

@@ -13,7 +13,7 @@ from test_cli import REPO, orchestrator
 from actors.decode import GenerateConfig, Generator
 from actors.models import load_model
 from actors.streams import StreamManager
-from orchestrator import InputError, Orchestrator, RunConfig
+from orchestrator import InputError, Orchestrator, RunConfig, WorkerStartError
 from orchestrator.sources import Synthetic
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -87,6 +87,12 @@ def test_a_bad_prompt_fails_its_batch_by_name(orch):
 def test_generate_needs_a_decode_section():
     with pytest.raises(RuntimeError, match="generate needs a decode section"):
         Orchestrator(run_config(BATCH)).generate(prompts(4))
+
+
+def test_a_model_that_is_not_a_decoder_fails_the_start_naming_it():
+    config = RunConfig.model_validate({**decode_config().model_dump(), "model": {"source": "zoo:tiny_mlp"}})
+    with pytest.raises(WorkerStartError, match=r"'zoo:tiny_mlp' built .*; decode needs an actors.decode.Decoder"):
+        Orchestrator(config).start()
 
 
 def test_the_cli_runs_the_tiny_decode_config(tmp_path):
