@@ -76,6 +76,10 @@ def _parquet_array(table_batch: Any, column: str | None, path: str) -> np.ndarra
     if column not in names:
         raise ValueError(f"{path}: no column {column!r}; it has {names}")
     col = table_batch.column(column)
+    if col.null_count:
+        first = col.is_null().to_numpy(zero_copy_only=False).argmax()
+        raise ValueError(f"{path}: column {column!r} has {col.null_count} null rows in a record batch (the first "
+                         f"at its row {first}); every row needs a value")
     if hasattr(col.type, "value_type"):  # list / fixed-size list: one row is one vector
         return np.stack(col.to_numpy(zero_copy_only=False))
     return col.to_numpy(zero_copy_only=False)

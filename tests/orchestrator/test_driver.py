@@ -16,6 +16,7 @@ from _util import RAY_GPUS, reference, rows, run_config
 
 
 from orchestrator import ModelError, Npy, Orchestrator, Parquet, RunConfig, Synthetic, WorkerStartError
+from orchestrator.sources import batches
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -69,6 +70,14 @@ def test_every_input_kind_matches_single_process_reference(orch, tmp_path, kind)
     else:
         inputs = ray.data.from_numpy(x)
     np.testing.assert_array_equal(orch.run(inputs), want)
+
+
+def test_a_parquet_column_with_null_rows_is_a_clear_error(tmp_path):
+    x = [list(row) for row in rows(5, seed=3)]
+    x[3] = None
+    pq.write_table(pa.table({"features": pa.array(x, type=pa.list_(pa.float32()))}), tmp_path / "n.parquet")
+    with pytest.raises(ValueError, match=r"n.parquet: column 'features' has 1 null rows .*the first at its row 3"):
+        list(batches(Parquet(str(tmp_path / "n.parquet")), 64))
 
 
 def test_synthetic_inputs_are_seeded_and_shaped(orch):
