@@ -383,10 +383,16 @@ class RunConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-        """Load ``path`` with ``yaml.safe_load``, apply dotted ``overrides``, then validate."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        """Load ``path`` with ``yaml.safe_load``, apply dotted ``overrides``, then validate.
+
+        A key given twice in one mapping is an error: ``safe_load`` would keep the last silently.
+        """
+        text = Path(path).read_text()
+        if twice := _keys_given_twice(text):
+            raise ValueError(f"keys given twice (only the last would count): {', '.join(twice)}")
+        data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+            raise ValueError(f"the top level must be a mapping of sections, got {type(data).__name__}")
         return cls.from_dict(data, overrides)
 
     @classmethod
@@ -395,6 +401,29 @@ class RunConfig(_Strict):
         for item in overrides or []:
             apply_override(data, item)
         return cls.model_validate(data)
+
+
+def _keys_given_twice(text: str) -> list[str]:
+    """Each key repeated within one mapping, as ``'key' (lines a and b)``, read from YAML's node graph
+    (``yaml.compose`` with the safe loader builds no Python objects)."""
+    found: list[tuple[int, str]] = []
+    pending = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key, value in node.value:
+                pending.append(value)
+                if not isinstance(key, yaml.ScalarNode):
+                    continue
+                line = key.start_mark.line + 1
+                if key.value in first_line:
+                    found.append((first_line[key.value], f"{key.value!r} (lines {first_line[key.value]} and {line})"))
+                else:
+                    first_line[key.value] = line
+    return [entry for _, entry in sorted(found)]
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -214,6 +214,15 @@ def test_the_top_level_must_be_a_mapping(tmp_path):
         RunConfig.from_yaml(tmp_path / "list.yaml")
 
 
+def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
+    # safe_load alone keeps the second pipeline section and drops depth: 6 without a word.
+    (tmp_path / "twice.yaml").write_text("pipeline:\n  depth: 6\nmodel:\n  source: zoo:mlp\n  seed: 1\n"
+                                         "pipeline:\n  max_batch_rows: 64\n  max_batch_rows: 32\n")
+    with pytest.raises(ValueError, match=r"keys given twice \(only the last would count\): 'pipeline' "
+                                         r"\(lines 1 and 6\), 'max_batch_rows' \(lines 7 and 8\)"):
+        RunConfig.from_yaml(tmp_path / "twice.yaml")
+
+
 def test_yaml_is_loaded_safely(tmp_path):
     marker = tmp_path / "ran"
     (tmp_path / "evil.yaml").write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
