@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, metavar="CONFIG.yaml", help="a YAML run config (see configs/)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                      help="override one config field; the value is YAML: --set pipeline.depth=4, "
-                          "--set faults.worker-0.raise_on_batches=[0], --set output.path= (null). Repeatable")
+                          "--set faults.worker-0.raise_on_batches=[0], --set output.path= (null); a number "
+                          "indexes a list: --set models.1.replicas=3. Repeatable")
     val = sub.add_parser(
         "validate", help="check configs without running them",
         description="Check each config; every bad field is named with its dotted path and why. Exit 2 if any is bad.")

@@ -429,8 +429,8 @@ def _keys_given_twice(text: str) -> list[str]:
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply ``a.b.c=value`` to nested ``data``; the value is parsed as YAML (``4``, ``true``, ``[1, 2]``, ``null``).
 
-    Sections on the path are copied, never mutated, so ``data``'s nested dicts may be shared.
-    An empty value (``output.path=``) is ``null``.
+    A number indexes a list (``models.1.replicas=3``). Sections and lists on the path are copied,
+    never mutated, so ``data``'s nested values may be shared. An empty value (``output.path=``) is ``null``.
     """
     key, sep, raw = item.partition("=")
     parts = key.strip().split(".")
@@ -440,17 +440,28 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ValueError(f"override {item!r}: the value is not valid YAML: {err}") from err
-    *parents, leaf = parts
-    node = data
-    for depth, part in enumerate(parents):
-        child = node.get(part)
-        if child is None:
-            child = {}
-        elif not isinstance(child, dict):
+    node: dict[str, Any] | list[Any] = data
+    for depth, part in enumerate(parts[:-1]):
+        where = _key_in(node, part, item, parts[:depth])
+        child = node[where] if isinstance(node, list) else node.get(where)
+        if child is None and parts[depth + 1].isdigit():
+            raise ValueError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not set, so it has no item "
+                             f"{parts[depth + 1]}; give the whole list")
+        if not isinstance(child, (dict, list, type(None))):
             raise ValueError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is {child!r}, not a section")
-        node[part] = child = dict(child)
+        node[where] = child = {} if child is None else type(child)(child)
         node = child
-    node[leaf] = value
+    node[_key_in(node, parts[-1], item, parts[:-1])] = value
+
+
+def _key_in(node: dict[str, Any] | list[Any], part: str, item: str, path: list[str]) -> Any:
+    """``part`` as a key of ``node``: itself in a section, an index in a list (which must exist)."""
+    if not isinstance(node, list):
+        return part
+    if not part.isdigit() or int(part) >= len(node):
+        raise ValueError(f"override {item!r}: {'.'.join(path)} is a list of {len(node)}; {part!r} is not one "
+                         f"of its indexes")
+    return int(part)
 
 
 def describe_errors(err: ValidationError) -> list[str]:

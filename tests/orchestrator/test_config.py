@@ -173,6 +173,25 @@ def test_overrides_copy_the_sections_they_change():
     assert pipeline == {"depth": 3} and data == {"pipeline": {"depth": 3}}
 
 
+def test_a_number_in_an_override_indexes_a_list_which_is_copied():
+    models = [{"name": "a", "source": "zoo:tiny_mlp"}, {"name": "b", "source": "zoo:mlp", "replicas": 2}]
+    data = {"models": models}
+    config = RunConfig.from_dict(data, ["models.1.replicas=3", "models.0.priority=high"])
+    assert [(m.name, m.replicas, m.priority) for m in config.models] == [("a", 1, "high"), ("b", 3, "normal")]
+    assert data == {"models": models} and models[1] == {"name": "b", "source": "zoo:mlp", "replicas": 2}
+
+
+@pytest.mark.parametrize(("item", "why"), [
+    ("models.2.name=c", "models is a list of 2; '2' is not one of its indexes"),
+    ("models.x.name=c", "'x' is not one of its indexes"),
+    ("faults.0.delay_s=1", "faults is not set, so it has no item 0"),
+])
+def test_a_list_index_that_is_not_there_is_named(item, why):
+    with pytest.raises(ValueError) as info:
+        apply_override({"models": [{"name": "a"}, {"name": "b"}]}, item)
+    assert why in str(info.value)
+
+
 @pytest.mark.parametrize(("item", "why"), [
     ("pipeline.depth", "section.field=value"),
     ("=4", "section.field=value"),
