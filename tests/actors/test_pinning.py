@@ -149,9 +149,10 @@ def test_pinning_off_stages_everything():
 
 
 def test_a_region_is_not_evicted_between_handing_out_pieces_and_their_fence():
-    """User A copies from array ``a`` (held back on its stream) and asks for more pieces of it; user B
-    then needs budget. ``a`` must stay registered: A's copy is pending, and its next fence is not
-    recorded yet (before the fix its old, completed event made ``a`` look idle, and it was evicted)."""
+    """User A has copied from array ``a`` (its fence complete) and takes pieces of ``a`` again; before
+    it enqueues that copy, user B needs budget. ``a`` must stay registered: every fence on it is
+    complete, but A is about to copy from it (the old code, fencing with the slot's event before
+    it was re-recorded, saw a completed event here and evicted ``a``)."""
     from actors.pinning import HostPinner
 
     rng = np.random.default_rng(7)
@@ -165,18 +166,24 @@ def test_a_region_is_not_evicted_between_handing_out_pieces_and_their_fence():
     device_a = torch.empty(a.nbytes, dtype=torch.uint8, device="cuda")
     try:
         assert pinner.pieces(a[:1], user_a) is None  # first pass: staged
-        pinner.fenced(user_a, done)
         views = pinner.pieces(a, user_a)  # second pass: registered
         assert views is not None and pinner.as_dict()["registrations"] == 1
         with torch.cuda.stream(stream):
-            torch.cuda._sleep(200_000_000)  # hold the copy back (about 0.1 s)
             device_a.copy_(views[0], non_blocking=True)
             done.record(stream)
         pinner.fenced(user_a, done)
-        assert pinner.pieces(a[BATCH // 2:], user_a) is not None  # A's next batch, fence not recorded yet
+        done.synchronize()  # A's fence on a is complete
+        views = pinner.pieces(a, user_a)  # A's next batch: copies not enqueued yet
+        assert views is not None
         assert pinner.pieces(b[:1], user_b) is None and pinner.pieces(b, user_b) is None  # no room: staged
-        assert pinner.as_dict()["evictions"] == 0
-        stream.synchronize()
+        assert pinner.as_dict()["evictions"] == 0 and pinner.as_dict()["registered_bytes"] == a.nbytes
+        device_a.zero_()
+        stream.wait_stream(torch.cuda.current_stream())  # the copy lands after the zeroing
+        with torch.cuda.stream(stream):
+            device_a.copy_(views[0], non_blocking=True)  # still registered memory: an async copy
+            done.record(stream)
+        pinner.fenced(user_a, done)
+        done.synchronize()
         assert torch.equal(device_a.cpu(), torch.from_numpy(a.view(np.uint8).reshape(-1)))
     finally:
         stream.synchronize()
