@@ -408,8 +408,12 @@ def _keys_given_twice(text: str) -> list[str]:
     (``yaml.compose`` with the safe loader builds no Python objects)."""
     found: list[tuple[int, str]] = []
     pending = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    seen: set[int] = set()  # an alias shares its anchor's node, and may point back up the tree
     while pending:
         node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
         if isinstance(node, yaml.SequenceNode):
             pending.extend(node.value)
         elif isinstance(node, yaml.MappingNode):

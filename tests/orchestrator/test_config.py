@@ -242,6 +242,13 @@ def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
         RunConfig.from_yaml(tmp_path / "twice.yaml")
 
 
+def test_an_alias_pointing_back_up_the_tree_is_walked_once(tmp_path):
+    # The check for keys given twice walks YAML's node graph: it must end on a recursive alias.
+    (tmp_path / "loop.yaml").write_text("model: &m\n  kwargs:\n    again: *m\n")
+    config = RunConfig.from_yaml(tmp_path / "loop.yaml")
+    assert "kwargs" in config.model.kwargs["again"]
+
+
 def test_yaml_is_loaded_safely(tmp_path):
     marker = tmp_path / "ran"
     (tmp_path / "evil.yaml").write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
