@@ -80,6 +80,16 @@ def test_a_parquet_column_with_null_rows_is_a_clear_error(tmp_path):
         list(batches(Parquet(str(tmp_path / "n.parquet")), 64))
 
 
+def test_parquet_rows_of_nested_lists_keep_their_shape_and_ragged_rows_are_named(tmp_path):
+    x = np.random.default_rng(4).standard_normal((70, 4, 4)).astype(np.float32)
+    pq.write_table(pa.table({"img": pa.array([[list(r) for r in m] for m in x])}), tmp_path / "m.parquet")
+    got = np.concatenate([b.source for b in batches(Parquet(str(tmp_path / "m.parquet")), 32)])
+    np.testing.assert_array_equal(got, x)
+    pq.write_table(pa.table({"v": pa.array([[1.0, 2.0], [3.0]])}), tmp_path / "r.parquet")
+    with pytest.raises(ValueError, match=r"r.parquet: column 'v': rows hold lists of different lengths \(1 to 2\)"):
+        list(batches(Parquet(str(tmp_path / "r.parquet")), 32))
+
+
 def test_synthetic_inputs_are_seeded_and_shaped(orch):
     syn = Synthetic(300, (16,), "float32", seed=4)
     x = np.concatenate([syn.batch(i, a, min(a + 64, 300)) for i, a in enumerate(range(0, 300, 64))])
