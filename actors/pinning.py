@@ -66,7 +66,6 @@ class _Region:
     owner: np.ndarray | None  # the array kept alive while registered; None for a process-long mapping
     chunk_bytes: int  # registration granularity: CHUNK_BYTES for a mapping, the whole span for an array
     fences: dict[int, Any] = dataclasses.field(default_factory=dict)  # per user: event after its last copy
-    copying: set[int] = dataclasses.field(default_factory=set)  # users between pieces() and fenced()
     chunks: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # chunk start -> byte view
     failed: bool = False
 
@@ -115,7 +114,6 @@ class HostPinner:
                 end = min(hi, chunk + view.numel())
                 views.append(view[start - chunk:end - chunk])
                 start = end
-            region.copying.add(user)
             self._copying[user] = region
             return views
 
@@ -124,7 +122,6 @@ class HostPinner:
         with self._lock:
             region = self._copying.pop(user, None)
             if region is not None:
-                region.copying.discard(user)
                 region.fences[user] = fence
 
     def acquire(self, budget_bytes: int) -> HostPinner:
@@ -143,13 +140,11 @@ class HostPinner:
             self._copying.pop(user, None)
             for region in self._regions:
                 region.fences.pop(user, None)
-                region.copying.discard(user)
             if self._users == 0:
                 for region in self._regions:
                     self._unregister(region)
                 self._regions = []
                 self._reads = {}
-                self._copying = {}
 
     # -- regions ------------------------------------------------------------------------------
     def _find(self, lo: int, hi: int) -> _Region | None:
@@ -231,7 +226,8 @@ class HostPinner:
         for region in list(self._regions):
             if self.registered_bytes + need <= self.budget_bytes:
                 break
-            idle = not region.copying and all(fence.query() for fence in region.fences.values())
+            idle = (all(r is not region for r in self._copying.values())
+                    and all(fence.query() for fence in region.fences.values()))
             if region is not keep and region.owner is not None and idle:
                 self._unregister(region)
                 self._regions.remove(region)
