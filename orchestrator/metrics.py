@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -174,10 +175,11 @@ class WorkerTally:
 
 
 class DriverMetrics:
-    """The driver's per-worker counts of dispatch events, shared by every map of an Orchestrator.
+    """The driver's per-worker counts of dispatch events, over every map of an Orchestrator.
 
-    Each map's ``Dispatcher`` reports to ``events(model)``, which counts here and,
-    when ``export`` is on, records Prometheus metrics under that model's labels.
+    Each map's ``Dispatcher`` reports to ``events(model)``, which counts that model's
+    events and, when ``export`` is on, records Prometheus metrics under its labels.
+    Maps of different models run on their own threads, so each model counts apart.
     """
 
     def __init__(self, infos: list[dict[str, Any]], depth: int, sample_s: float, export: bool) -> None:
@@ -185,23 +187,30 @@ class DriverMetrics:
         self.depth = depth
         self.sample_s = sample_s
         self.export = export
-        self.tallies = {name: WorkerTally() for name in self.infos}
         self._events: dict[str, ModelEvents] = {}
+        self._lock = threading.Lock()
 
     def events(self, model: str) -> ModelEvents:
-        if model not in self._events:
-            self._events[model] = ModelEvents(self, {name: worker_labels(info, model)
-                                                     for name, info in self.infos.items()})
-        return self._events[model]
+        with self._lock:
+            if model not in self._events:
+                self._events[model] = ModelEvents(self, {name: worker_labels(info, model)
+                                                         for name, info in self.infos.items()})
+            return self._events[model]
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """Per worker: where it runs and its counts, all models together."""
-        return {name: {**_placement(info), **dataclasses.asdict(self.tallies[name])}
-                for name, info in self.infos.items()}
+        with self._lock:
+            models = list(self._events.values())
+        out = {}
+        for name, info in self.infos.items():
+            counts = [dataclasses.asdict(m.tallies[name]) for m in models]
+            out[name] = {**_placement(info), **{k: sum(c[k] for c in counts)
+                                                 for k in dataclasses.asdict(WorkerTally())}}
+        return out
 
 
 class ModelEvents(DispatchEvents):
-    """One model's dispatch events: counted in the shared tallies, exported under ``labels`` (per worker).
+    """One model's dispatch events: counted per worker, exported under ``labels`` (per worker).
 
     Gauges of in-flight and queued batches are sampled every ``sample_s`` on the
     loop's tick; two maps of the same model at once overwrite each other's.
@@ -209,7 +218,7 @@ class ModelEvents(DispatchEvents):
 
     def __init__(self, metrics: DriverMetrics, labels: dict[str, dict[str, str]]) -> None:
         self.labels = labels
-        self.tallies = metrics.tallies
+        self.tallies = {name: WorkerTally() for name in labels}
         self.depth = metrics.depth
         self.sample_s = metrics.sample_s
         self.export = metrics.export

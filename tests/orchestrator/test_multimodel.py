@@ -51,6 +51,7 @@ def test_each_model_equals_its_own_serial_reference(orch, name):
 
 def test_two_models_mapped_at_once_from_two_threads(orch):
     inputs = {"small": rows(900, seed=6), "wide": rows(900, seed=7)}
+    before = orch.report()  # the module's orchestrator: earlier tests' maps are in it too
     got: dict[str, np.ndarray] = {}
     errors: list[BaseException] = []
 
@@ -69,7 +70,12 @@ def test_two_models_mapped_at_once_from_two_threads(orch):
     for name, x in inputs.items():
         np.testing.assert_array_equal(got[name], want(name, x))
     report = orch.report()
-    assert report["models"]["wide"]["rows"] >= 900 and report["models"]["small"]["rows"] >= 900
+    for name in inputs:
+        assert report["models"][name]["rows"] - before["models"].get(name, {"rows": 0})["rows"] == 900
+    # The driver's per-worker counts take both models' threads together: 15 batches of each.
+    for key, total in (("batches", 30), ("rows", 1800)):
+        assert sum(w[key] - before["dispatch_per_worker"][n][key]
+                   for n, w in report["dispatch_per_worker"].items()) == total
     assert report["models"]["wide"]["replicas"] == 2 and len(report["models"]["wide"]["bound"]) == 2
     for w in report["workers"]:  # a worker's totals are its models' sums
         assert w["rows"] == sum(m["rows"] for m in w["models"].values())
