@@ -63,6 +63,35 @@ def test_cached_steps_match_the_full_forward_pass(tiny):
     assert full[0].std() > 0.1  # random weights give non-degenerate logits
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_traced_step_sums_its_linears_at_one_row_and_keeps_them_above(tiny, rows):
+    """Under torch.compile a one-row step's linears become multiply-and-sums (fused by Inductor on CUDA).
+
+    The traced graph runs eagerly here (a recording backend), so the sums'
+    logits are checked against the untraced step on the CPU.
+    """
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    tokens = torch.from_numpy(prompts(rows, 6, seed=2))
+    traced = torch.compile(tiny.step, backend=record, fullgraph=True, dynamic=False)
+    logits = []
+    with torch.inference_mode():
+        for step in (tiny.step, traced):
+            cache = KVCache(TINY_DECODER, rows, 8, torch.float32, torch.device("cpu"))
+            tiny(tokens[:, :5], cache.view(rows))
+            logits.append(step(tokens[:, 5], torch.tensor([5]), cache.view(rows)))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    assert logits[0].std() > 0.1
+    (graph,) = graphs
+    linears = [node for node in graph.graph.nodes if node.target is torch._C._nn.linear]
+    linear_count = 4 * TINY_DECODER.n_layer + 1
+    assert len(linears) == (0 if rows == 1 else linear_count)
+
+
 def test_gpt2_small_has_gpt2_small_shapes():
     shape = GPT2_SMALL
     assert (shape.vocab_size, shape.n_positions, shape.d_model, shape.n_layer, shape.n_head) == (50257, 1024, 768, 12,
@@ -301,13 +330,14 @@ def test_interleaved_syncs_the_host_only_for_the_lagged_flag_read(eos_at):
 
 
 @pytest.mark.gpu
-def test_compiled_step_gives_the_tokens_of_the_eager_step_on_cuda():
+@pytest.mark.parametrize("rows", [1, 8])  # one row: the linears are Inductor's sums, not cuBLAS's GEMVs
+def test_compiled_step_gives_the_tokens_of_the_eager_step_on_cuda(rows):
     """The compiled step replays in the same two graphs; synced and interleaved stay identical.
 
     Against the eager step, Inductor's fused reductions round differently, so
     greedy fp32 tokens may part at a near-tie: at least 95% must agree.
     """
-    x = prompts(8, seed=9, vocab=GPT2_SMALL.vocab_size)
+    x = prompts(rows, seed=9, vocab=GPT2_SMALL.vocab_size)
     model = _cuda_model(GPT2_SMALL)
     streams, gen = generator(model, "cuda")
     with streams, gen:
