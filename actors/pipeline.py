@@ -316,20 +316,40 @@ class Pipeline:
             slot = self._slots[self._cursor]
             try:
                 item = self._enqueue(slot, batch_id, array, rows)
-            except BaseException:
-                # The slot's H2D may still be reading its pinned input, and kernels the model
-                # enqueued before it raised may still be reading the slot's device input: let
-                # both finish before the next batch writes there (error path only).
-                slot.h2d_done.synchronize()
-                slot.compute_done.record(self._compute)
-                slot.compute_done.synchronize()
-                self._free.release()
+            except BaseException as err:
+                self._settle_failed_enqueue(slot, batch_id, err)
                 raise
             self._cursor = (self._cursor + 1) % len(self._slots)
             # Inside the lock: the completion thread must see batches in slot order, or it
             # frees a later slot first and the ring hands out a slot still in flight.
             self._inflight.put(item)
         return item.future
+
+    def _settle_failed_enqueue(self, slot: _Slot, batch_id: int, err: BaseException) -> None:
+        """Free the slot of a batch whose enqueue raised; a device failure breaks the pipeline.
+
+        The slot's H2D may still be reading its pinned input, and kernels the model
+        enqueued before it raised may still be reading the slot's device input: both
+        finish before the next batch writes there. Those waits also tell a batch's own
+        error from a device failure: after a sticky CUDA error (a device-side assert,
+        an illegal address; it may have come from an earlier batch or another stream)
+        every wait fails, and the batch goes back as ``PipelineBrokenError``, like the
+        batches in flight, not as a ``ModelError`` of its own.
+        """
+        try:
+            slot.h2d_done.synchronize()
+            slot.compute_done.record(self._compute)
+            slot.compute_done.synchronize()
+        except Exception as sync_err:
+            raise self._break(batch_id, sync_err) from err
+        finally:
+            self._free.release()
+
+    def _break(self, batch_id: int, err: BaseException) -> PipelineBrokenError:
+        """Mark the pipeline unusable after a device failure seen on ``batch_id``; the error to raise."""
+        self._broken = self._broken or f"{type(err).__name__}: {first_line(err)}"
+        log.error("pipeline %s: device failure on batch %s: %s", self.name, batch_id, err)
+        return PipelineBrokenError(self._broken)
 
     def _enqueue(self, slot: _Slot, batch_id: int, array: np.ndarray, rows: int) -> _InFlight:
         timed = self.config.timing_every > 0 and next(self._counter) % self.config.timing_every == 0
@@ -431,9 +451,7 @@ class Pipeline:
                 self._copy_rows(out, host[:item.rows])
             stage_ms = self._record_timing(item) if item.timed else None
         except Exception as err:  # a device fault poisons the context: nothing after it is trusted
-            self._broken = f"{type(err).__name__}: {err}"
-            log.error("pipeline %s: device failure on batch %s: %s", self.name, item.batch_id, err)
-            raise PipelineBrokenError(self._broken) from err
+            raise self._break(item.batch_id, err) from err
         self.stats.add(item.rows, slot.host_in[:item.rows].nbytes, sum(o.nbytes for o in outputs), item.stage_start)
         return BatchResult(item.batch_id, item.rows, _unflatten(self._out_spec, outputs), stage_ms)
 

@@ -1,0 +1,85 @@
+"""A sticky CUDA error (here a device-side assert) breaks the pipeline and ends the worker's process.
+
+Each test runs in a fresh process: the error poisons the whole process's CUDA
+context, which no later test could use. The assert is fired outside the
+pipeline, as another stream or model on the same GPU might: the pipeline learns
+of it only when its next batch is enqueued.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+SETUP = """
+import os
+import numpy as np
+import torch
+x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+
+def poison():
+    try:
+        torch.arange(4.0, device="cuda")[torch.tensor([1 << 40], device="cuda")]
+        torch.cuda.synchronize()
+    except RuntimeError as err:
+        print("poisoned:", str(err).splitlines()[0], flush=True)
+"""
+
+PIPELINE = SETUP + """
+from actors.models import load_model
+from actors.pipeline import Pipeline, PipelineConfig
+from actors.streams import StreamManager
+torch.manual_seed(0)
+pipeline = Pipeline(load_model("zoo:tiny_mlp"), StreamManager(device="cuda"), PipelineConfig(max_batch_rows=8))
+print("batch 0:", pipeline.submit(0, x).result(timeout=60).rows, "rows", flush=True)
+poison()
+for batch in (1, 2):
+    try:
+        pipeline.submit(batch, x).result(timeout=60)
+        print(f"batch {batch}: ok", flush=True)
+    except Exception as err:
+        print(f"batch {batch}: {type(err).__name__}", flush=True)
+print("broken:", pipeline.broken, flush=True)
+os._exit(0)  # no teardown on a poisoned context
+"""
+
+WORKER = SETUP + """
+from actors.worker import GpuWorker
+worker = GpuWorker("worker-x", [{"name": "m", "model": {"source": "zoo:tiny_mlp"}}], {"max_batch_rows": 8})
+print("batch 0:", worker.infer(0, x).rows, "rows", flush=True)
+poison()
+try:
+    worker.infer(1, x)
+    print("batch 1: ok", flush=True)
+except Exception as err:
+    print(f"batch 1: {type(err).__name__}", flush=True)
+print("the worker survived a poisoned context", flush=True)
+"""
+
+
+def _run(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.gpu
+def test_a_batch_enqueued_after_a_device_failure_is_a_broken_pipeline_not_its_own_error():
+    done = _run(PIPELINE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "batch 0: 8 rows" in lines and any(line.startswith("poisoned:") for line in lines), done.stdout
+    # Before (H100): batches 1 and 2 raised the bare torch.AcceleratorError and `broken` stayed None.
+    assert "batch 1: PipelineBrokenError" in lines and "batch 2: PipelineBrokenError" in lines, done.stdout
+    assert any(line.startswith("broken: ") and "device-side assert" in line for line in lines), done.stdout
+
+
+@pytest.mark.gpu
+def test_the_worker_process_exits_after_a_device_failure_so_ray_restarts_it():
+    done = _run(WORKER)
+    assert "batch 0: 8 rows" in done.stdout and "poisoned:" in done.stdout, done.stdout + done.stderr[-3000:]
+    # Before (H100): infer raised the bare torch.AcceleratorError and the worker lived on, every batch failing.
+    assert "batch 1" not in done.stdout and "survived" not in done.stdout, done.stdout
+    assert done.returncode == 1 and "device failure, exiting" in done.stderr, done.stderr[-3000:]
