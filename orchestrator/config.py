@@ -417,16 +417,16 @@ def _keys_given_twice(text: str) -> list[str]:
         if isinstance(node, yaml.SequenceNode):
             pending.extend(node.value)
         elif isinstance(node, yaml.MappingNode):
-            first_line: dict[str, int] = {}
+            line_of: dict[str, int] = {}
             for key, value in node.value:
                 pending.append(value)
                 if not isinstance(key, yaml.ScalarNode):
                     continue
                 line = key.start_mark.line + 1
-                if key.value in first_line:
-                    found.append((first_line[key.value], f"{key.value!r} (lines {first_line[key.value]} and {line})"))
+                if key.value in line_of:
+                    found.append((line_of[key.value], f"{key.value!r} (lines {line_of[key.value]} and {line})"))
                 else:
-                    first_line[key.value] = line
+                    line_of[key.value] = line
     return [entry for _, entry in sorted(found)]
 
 

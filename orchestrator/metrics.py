@@ -201,12 +201,9 @@ class DriverMetrics:
         """Per worker: where it runs and its counts, all models together."""
         with self._lock:
             models = list(self._events.values())
-        out = {}
-        for name, info in self.infos.items():
-            counts = [dataclasses.asdict(m.tallies[name]) for m in models]
-            out[name] = {**_placement(info), **{k: sum(c[k] for c in counts)
-                                                 for k in dataclasses.asdict(WorkerTally())}}
-        return out
+        counts = [f.name for f in dataclasses.fields(WorkerTally)]
+        return {name: {**_placement(info), **{k: sum(getattr(m.tallies[name], k) for m in models) for k in counts}}
+                for name, info in self.infos.items()}
 
 
 class ModelEvents(DispatchEvents):
