@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.errors import InputError
+from actors.errors import InputError, PipelineBrokenError, first_line
 from actors.graphs import bucket_for, buckets_for
 from actors.streams import StreamManager, StreamPriority
 
@@ -334,6 +334,7 @@ class Generator:
         self._side: torch.cuda.Stream | None = None
         self._pool: Any = None
         self._closed = False
+        self._broken: str | None = None
         rows, length, device = config.max_batch, config.max_seq_len, streams.device
         dtype = next(model.parameters()).dtype
         pinned = streams.is_cuda
@@ -377,10 +378,14 @@ class Generator:
         Host-blocking: returns when the tokens are in host memory. ``batch_id``
         names the batch in errors and keys the sampling noise. The interleaved
         loop's only host waits are one event per step (the lagged flag read) and
-        the final copy of the tokens.
+        the final copy of the tokens. After a device failure (a sticky CUDA error,
+        from this batch or anything else in the process) this and every later
+        call raise ``PipelineBrokenError``: only a fresh process recovers.
         """
         if self._closed:
             raise RuntimeError("Generator is closed")
+        if self._broken:
+            raise PipelineBrokenError(self._broken)
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -389,17 +394,17 @@ class Generator:
         rows, prompt_len = prompts.shape
         started = time.perf_counter()
         with torch.inference_mode():
-            bucket = self._stage(prompts, cached=loop != "naive")
-            run = {"naive": self._naive, "synced": self._synced, "interleaved": self._interleaved}[loop]
-            host_out = self._host_out[:bucket * max_new_tokens].view(bucket, max_new_tokens)
             try:
+                bucket = self._stage(prompts, cached=loop != "naive")
+                run = {"naive": self._naive, "synced": self._synced, "interleaved": self._interleaved}[loop]
+                host_out = self._host_out[:bucket * max_new_tokens].view(bucket, max_new_tokens)
                 steps, launched, last = run(bucket, rows, prompt_len, max_new_tokens, batch_id)
                 with self._streams.use(last):
                     host_out.copy_(self._out[:bucket, :max_new_tokens].contiguous(), non_blocking=True)
                     self._out_copied.record(last)
                 self._out_copied.synchronize()
-            except BaseException:
-                self._drain()
+            except BaseException as err:
+                self._settle_failed(batch_id, err)
                 raise
         tokens = host_out[:rows].numpy().copy()
         lengths = self._lengths(tokens)
@@ -455,6 +460,25 @@ class Generator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def broken(self) -> str | None:
+        """Why the device context is unusable, or None."""
+        return self._broken
+
+    def _settle_failed(self, batch_id: int, err: BaseException) -> None:
+        """Wait out a failed batch's queued work; if the waits fail too, the device has: break.
+
+        A batch's own error (out of memory while capturing, say) leaves the device
+        usable, and the waits succeed. After a sticky CUDA error every wait fails,
+        and the batch goes back as ``PipelineBrokenError``, not as the raw error.
+        """
+        try:
+            self._drain()
+        except Exception as sync_err:
+            self._broken = self._broken or f"{type(sync_err).__name__}: {first_line(sync_err)}"
+            log.error("decode: device failure on batch %s: %s", batch_id, sync_err)
+            raise PipelineBrokenError(self._broken) from err
 
     def _drain(self) -> None:
         """Wait for all work this generator queued: the next batch's loop may run on another stream.

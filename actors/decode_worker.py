@@ -16,11 +16,11 @@ import ray
 import torch
 
 from actors.decode import Decoder, GenerateConfig, Generator
-from actors.errors import BatchError, ModelLoadError
+from actors.errors import BatchError, ModelLoadError, PipelineBrokenError
 from actors.models import load_model
 from actors.pipeline import BatchResult
 from actors.streams import StreamManager
-from actors.worker import CONTROL_GROUP, _Faults, resolve_rows
+from actors.worker import CONTROL_GROUP, _Faults, exit_for_restart, resolve_rows
 
 
 class DecodeWorker:
@@ -67,6 +67,8 @@ class DecodeWorker:
             self.faults.before(batch_id)
             result = self.generator.generate(resolve_rows(source, start, stop), self.max_new_tokens, self.loop,
                                              batch_id)
+        except PipelineBrokenError:
+            exit_for_restart(self.name)
         except BatchError as err:
             raise type(err)(err.batch_id, err.problem, self.name) from err
         self.rows += len(result.tokens)

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from functools import lru_cache
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import ray
@@ -59,6 +59,15 @@ class _Faults:
             time.sleep(self.delay_s)
         if batch_id in self.raise_on:
             raise ModelError(batch_id, "fault injection: the model raised")
+
+
+def exit_for_restart(worker: str) -> NoReturn:
+    """End the process after a device failure: the CUDA context is poisoned and only a fresh one recovers.
+
+    Ray restarts the actor within its budget and the driver sends the batch again.
+    """
+    log.error("worker %s: device failure, exiting so Ray restarts the worker", worker)
+    os._exit(1)
 
 
 @lru_cache(maxsize=8)
@@ -135,10 +144,7 @@ class GpuWorker:
                 raise InputError(batch_id, str(err)) from err
             return self.splitters[engine.name].run(batch_id, resolve_rows(source, start, stop))
         except PipelineBrokenError:
-            # The CUDA context is poisoned; only a fresh process recovers. Ray restarts
-            # the actor within its budget and the driver re-dispatches this batch.
-            log.error("worker %s: device failure, exiting so Ray restarts the worker", self.name)
-            os._exit(1)
+            exit_for_restart(self.name)
         except BatchError as err:
             raise type(err)(err.batch_id, err.problem, self.name) from err
 

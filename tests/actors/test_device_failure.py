@@ -1,9 +1,10 @@
-"""A sticky CUDA error (here a device-side assert) breaks the pipeline and ends the worker's process.
+"""A sticky CUDA error (here a device-side assert) breaks the pipeline or the decode generator and ends the
+worker's process.
 
 Each test runs in a fresh process: the error poisons the whole process's CUDA
 context, which no later test could use. The assert is fired outside the
-pipeline, as another stream or model on the same GPU might: the pipeline learns
-of it only when its next batch is enqueued.
+pipeline (or generator), as another stream or model on the same GPU might: it
+learns of it only when its next batch is enqueued.
 """
 from __future__ import annotations
 
@@ -60,6 +61,40 @@ except Exception as err:
 print("the worker survived a poisoned context", flush=True)
 """
 
+GENERATOR = SETUP + """
+from actors.decode import TINY_DECODER, Decoder, GenerateConfig, Generator
+from actors.streams import StreamManager
+torch.manual_seed(0)
+prompts = np.random.default_rng(1).integers(0, TINY_DECODER.vocab_size, (4, 8))
+generator = Generator(Decoder(TINY_DECODER).cuda(), StreamManager(device="cuda"),
+                      GenerateConfig(max_batch=4, max_seq_len=24))
+print("batch 0:", generator.generate(prompts, 16, "interleaved", 0).tokens.shape[0], "rows", flush=True)
+poison()
+for batch in (1, 2):
+    try:
+        generator.generate(prompts, 16, "interleaved", batch)
+        print(f"batch {batch}: ok", flush=True)
+    except Exception as err:
+        print(f"batch {batch}: {type(err).__name__}", flush=True)
+print("broken:", generator.broken, flush=True)
+os._exit(0)
+"""
+
+DECODE_WORKER = SETUP + """
+from actors.decode_worker import DecodeWorker
+worker = DecodeWorker("worker-d", {"source": "zoo:tiny_decoder"},
+                      {"max_new_tokens": 16, "loop": "interleaved", "max_seq_len": None}, 4)
+prompts = np.random.default_rng(1).integers(0, 100, (4, worker.spec.row_shape[0]))
+print("batch 0:", worker.infer(0, prompts).rows, "rows", flush=True)
+poison()
+try:
+    worker.infer(1, prompts)
+    print("batch 1: ok", flush=True)
+except Exception as err:
+    print(f"batch 1: {type(err).__name__}", flush=True)
+print("the worker survived a poisoned context", flush=True)
+"""
+
 
 def _run(script: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -81,5 +116,23 @@ def test_the_worker_process_exits_after_a_device_failure_so_ray_restarts_it():
     done = _run(WORKER)
     assert "batch 0: 8 rows" in done.stdout and "poisoned:" in done.stdout, done.stdout + done.stderr[-3000:]
     # Before (H100): infer raised the bare torch.AcceleratorError and the worker lived on, every batch failing.
+    assert "batch 1" not in done.stdout and "survived" not in done.stdout, done.stdout
+    assert done.returncode == 1 and "device failure, exiting" in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_a_generation_after_a_device_failure_is_a_broken_generator_not_a_raw_cuda_error():
+    done = _run(GENERATOR)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "batch 0: 4 rows" in lines and any(line.startswith("poisoned:") for line in lines), done.stdout
+    assert "batch 1: PipelineBrokenError" in lines and "batch 2: PipelineBrokenError" in lines, done.stdout
+    assert any(line.startswith("broken: ") and "device-side assert" in line for line in lines), done.stdout
+
+
+@pytest.mark.gpu
+def test_the_decode_worker_process_exits_after_a_device_failure_so_ray_restarts_it():
+    done = _run(DECODE_WORKER)
+    assert "batch 0: 4 rows" in done.stdout and "poisoned:" in done.stdout, done.stdout + done.stderr[-3000:]
     assert "batch 1" not in done.stdout and "survived" not in done.stdout, done.stdout
     assert done.returncode == 1 and "device failure, exiting" in done.stderr, done.stderr[-3000:]
