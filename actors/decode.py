@@ -131,10 +131,19 @@ class _Attention(nn.Module):
         ``bias`` is 0 up to ``pos`` and -inf after. Two matmuls and a softmax, not
         ``scaled_dot_product_attention``: its fused kernels tile 64 queries at a
         time, and with one query they took 39 of a layer's 90 us (fp32, batch 1, H100).
+        For one row under ``torch.compile`` the matmuls are multiply-and-sums, as in
+        ``_Linear``: Inductor fuses them with the cache write and the softmax, and
+        the two copies a layer that cuBLAS's batched GEMVs needed go. The compiled
+        GPT-2 small step at batch 1 went from 514 to 490 us (fp32, H100,
+        docs/results/decode_attention_before_after.json); more rows keep the
+        matmuls (not measured).
         """
         q, k, v = self._split(x)
         cache[0].index_copy_(2, pos, k)
         cache[1].index_copy_(2, pos, v)
+        if x.shape[0] == 1 and torch.compiler.is_compiling():
+            scores = (q * cache[0]).sum(-1) * self.scale + bias  # (rows, heads, length)
+            return self._merge((scores.softmax(-1).unsqueeze(-1) * cache[1]).sum(-2, keepdim=True))
         scores = torch.add(bias, torch.matmul(q, cache[0].transpose(-1, -2)), alpha=self.scale)
         return self._merge(torch.matmul(scores.softmax(-1), cache[1]))
 

@@ -64,8 +64,8 @@ def test_cached_steps_match_the_full_forward_pass(tiny):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_traced_step_sums_its_linears_at_one_row_and_keeps_them_above(tiny, rows):
-    """Under torch.compile a one-row step's linears become multiply-and-sums (fused by Inductor on CUDA).
+def test_traced_step_sums_its_linears_and_attention_at_one_row_and_keeps_them_above(tiny, rows):
+    """Under torch.compile a one-row step's linears and attention products become multiply-and-sums.
 
     The traced graph runs eagerly here (a recording backend), so the sums'
     logits are checked against the untraced step on the CPU.
@@ -88,8 +88,9 @@ def test_traced_step_sums_its_linears_at_one_row_and_keeps_them_above(tiny, rows
     assert logits[0].std() > 0.1
     (graph,) = graphs
     linears = [node for node in graph.graph.nodes if node.target is torch._C._nn.linear]
-    linear_count = 4 * TINY_DECODER.n_layer + 1
-    assert len(linears) == (0 if rows == 1 else linear_count)
+    matmuls = [node for node in graph.graph.nodes if node.target is torch.matmul]
+    assert len(linears) == (0 if rows == 1 else 4 * TINY_DECODER.n_layer + 1)
+    assert len(matmuls) == (0 if rows == 1 else 2 * TINY_DECODER.n_layer)
 
 
 def test_gpt2_small_has_gpt2_small_shapes():
