@@ -126,6 +126,7 @@ def test_a_generation_after_a_device_failure_is_a_broken_generator_not_a_raw_cud
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert "batch 0: 4 rows" in lines and any(line.startswith("poisoned:") for line in lines), done.stdout
+    # Before (H100): generate raised the bare torch.AcceleratorError and the process aborted (exit -6).
     assert "batch 1: PipelineBrokenError" in lines and "batch 2: PipelineBrokenError" in lines, done.stdout
     assert any(line.startswith("broken: ") and "device-side assert" in line for line in lines), done.stdout
 
@@ -134,5 +135,6 @@ def test_a_generation_after_a_device_failure_is_a_broken_generator_not_a_raw_cud
 def test_the_decode_worker_process_exits_after_a_device_failure_so_ray_restarts_it():
     done = _run(DECODE_WORKER)
     assert "batch 0: 4 rows" in done.stdout and "poisoned:" in done.stdout, done.stdout + done.stderr[-3000:]
+    # Before (H100): infer raised the bare torch.AcceleratorError and the worker lived on.
     assert "batch 1" not in done.stdout and "survived" not in done.stdout, done.stdout
     assert done.returncode == 1 and "device failure, exiting" in done.stderr, done.stderr[-3000:]
