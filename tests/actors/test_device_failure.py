@@ -65,9 +65,9 @@ GENERATOR = SETUP + """
 from actors.decode import TINY_DECODER, Decoder, GenerateConfig, Generator
 from actors.streams import StreamManager
 torch.manual_seed(0)
-prompts = np.random.default_rng(1).integers(0, TINY_DECODER.vocab_size, (4, 8))
+prompts = np.random.default_rng(1).integers(0, TINY_DECODER.vocab_size, (8, 8))
 generator = Generator(Decoder(TINY_DECODER).cuda(), StreamManager(device="cuda"),
-                      GenerateConfig(max_batch=4, max_seq_len=24))
+                      GenerateConfig(max_batch=8, max_seq_len=24))
 print("batch 0:", generator.generate(prompts, 16, "interleaved", 0).tokens.shape[0], "rows", flush=True)
 poison()
 for batch in (1, 2):
@@ -83,8 +83,8 @@ os._exit(0)
 DECODE_WORKER = SETUP + """
 from actors.decode_worker import DecodeWorker
 worker = DecodeWorker("worker-d", {"source": "zoo:tiny_decoder"},
-                      {"max_new_tokens": 16, "loop": "interleaved", "max_seq_len": None}, 4)
-prompts = np.random.default_rng(1).integers(0, 100, (4, worker.spec.row_shape[0]))
+                      {"max_new_tokens": 16, "loop": "interleaved", "max_seq_len": None}, 8)
+prompts = np.random.default_rng(1).integers(0, 100, (8, worker.spec.row_shape[0]))
 print("batch 0:", worker.infer(0, prompts).rows, "rows", flush=True)
 poison()
 try:
@@ -100,41 +100,24 @@ def _run(script: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+# Before (H100): the pipeline's batches 1 and 2 raised the bare torch.AcceleratorError and `broken` stayed
+# None; the generator's batch 1 raised it too and the process then aborted (exit -6).
 @pytest.mark.gpu
-def test_a_batch_enqueued_after_a_device_failure_is_a_broken_pipeline_not_its_own_error():
-    done = _run(PIPELINE)
+@pytest.mark.parametrize("script", [PIPELINE, GENERATOR], ids=["pipeline", "generator"])
+def test_a_batch_enqueued_after_a_device_failure_is_a_broken_pipeline_not_its_own_error(script):
+    done = _run(script)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert "batch 0: 8 rows" in lines and any(line.startswith("poisoned:") for line in lines), done.stdout
-    # Before (H100): batches 1 and 2 raised the bare torch.AcceleratorError and `broken` stayed None.
     assert "batch 1: PipelineBrokenError" in lines and "batch 2: PipelineBrokenError" in lines, done.stdout
     assert any(line.startswith("broken: ") and "device-side assert" in line for line in lines), done.stdout
 
 
+# Before (H100): infer raised the bare torch.AcceleratorError and the worker lived on, every batch failing.
 @pytest.mark.gpu
-def test_the_worker_process_exits_after_a_device_failure_so_ray_restarts_it():
-    done = _run(WORKER)
+@pytest.mark.parametrize("script", [WORKER, DECODE_WORKER], ids=["inference_worker", "decode_worker"])
+def test_the_worker_process_exits_after_a_device_failure_so_ray_restarts_it(script):
+    done = _run(script)
     assert "batch 0: 8 rows" in done.stdout and "poisoned:" in done.stdout, done.stdout + done.stderr[-3000:]
-    # Before (H100): infer raised the bare torch.AcceleratorError and the worker lived on, every batch failing.
-    assert "batch 1" not in done.stdout and "survived" not in done.stdout, done.stdout
-    assert done.returncode == 1 and "device failure, exiting" in done.stderr, done.stderr[-3000:]
-
-
-@pytest.mark.gpu
-def test_a_generation_after_a_device_failure_is_a_broken_generator_not_a_raw_cuda_error():
-    done = _run(GENERATOR)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert "batch 0: 4 rows" in lines and any(line.startswith("poisoned:") for line in lines), done.stdout
-    # Before (H100): generate raised the bare torch.AcceleratorError and the process aborted (exit -6).
-    assert "batch 1: PipelineBrokenError" in lines and "batch 2: PipelineBrokenError" in lines, done.stdout
-    assert any(line.startswith("broken: ") and "device-side assert" in line for line in lines), done.stdout
-
-
-@pytest.mark.gpu
-def test_the_decode_worker_process_exits_after_a_device_failure_so_ray_restarts_it():
-    done = _run(DECODE_WORKER)
-    assert "batch 0: 4 rows" in done.stdout and "poisoned:" in done.stdout, done.stdout + done.stderr[-3000:]
-    # Before (H100): infer raised the bare torch.AcceleratorError and the worker lived on.
     assert "batch 1" not in done.stdout and "survived" not in done.stdout, done.stdout
     assert done.returncode == 1 and "device failure, exiting" in done.stderr, done.stderr[-3000:]
