@@ -81,6 +81,15 @@ GPT2_SMALL = DecoderShape()
 TINY_DECODER = DecoderShape(vocab_size=256, n_positions=256, d_model=64, n_layer=2, n_head=4)
 
 
+def _sums_products(x: torch.Tensor) -> bool:
+    """Whether the step's products with ``x`` run as multiply-and-sums: one row, while ``torch.compile`` traces.
+
+    Inductor fuses a sum with its neighbours into one reduction kernel; eagerly,
+    and at two or more rows, the products stay cuBLAS calls (see ``_Linear``).
+    """
+    return x.numel() == x.shape[-1] and torch.compiler.is_compiling()
+
+
 class _Linear(nn.Linear):
     """``nn.Linear`` that, for one row under ``torch.compile``, is a multiply-and-sum.
 
@@ -94,7 +103,7 @@ class _Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != x.shape[-1] or not torch.compiler.is_compiling():
+        if not _sums_products(x):
             return super().forward(x)
         y = (x.unsqueeze(-2) * self.weight).sum(-1)
         return y if self.bias is None else y + self.bias
@@ -141,7 +150,7 @@ class _Attention(nn.Module):
         q, k, v = self._split(x)
         cache[0].index_copy_(2, pos, k)
         cache[1].index_copy_(2, pos, v)
-        if x.shape[0] == 1 and torch.compiler.is_compiling():
+        if _sums_products(x):
             scores = (q * cache[0]).sum(-1) * self.scale + bias  # (rows, heads, length)
             return self._merge((scores.softmax(-1).unsqueeze(-1) * cache[1]).sum(-2, keepdim=True))
         scores = torch.add(bias, torch.matmul(q, cache[0].transpose(-1, -2)), alpha=self.scale)
