@@ -29,7 +29,9 @@ Each step's two graphs (one per parity) write their all-finished flag into
 their own device slot, so lane ``p``'s flag copy never races the other lane's
 next step. Both graphs share one memory pool: they never run at once, since
 each step waits on the previous one. A batch pads up to a bucket of
-``actors.graphs.buckets_for(max_batch)``; padded rows start finished. On the
+``actors.graphs.buckets_for(max_batch)``; padded rows start finished. With
+``GenerateConfig(kernels=True)`` a one-row step is ``actors.decode_kernels``'
+Triton kernels (greedy: the token choice too) inside the same graphs. On the
 CPU backend the same code runs eagerly: streams are program order and events
 complete when recorded (``actors.streams``).
 """
@@ -275,6 +277,7 @@ class GenerateConfig:
     seed: int = 0
     graphs: bool = True  # replay each step as a CUDA graph (always eager on the CPU backend)
     compile: bool = False  # fuse the cached step's kernels with torch.compile before its capture (CUDA only)
+    kernels: bool = False  # a one-row step runs actors.decode_kernels' Triton kernels (CUDA only)
     warmup_iters: int = 2  # eager steps per parity before a bucket's capture
 
     def __post_init__(self) -> None:
@@ -305,6 +308,7 @@ class DecodeStats:
 
     graphs: bool = False  # whether steps replay CUDA graphs
     compiled: bool = False  # whether the cached step runs torch.compile's fused kernels
+    kernels: bool = False  # whether a one-row cached step runs actors.decode_kernels
     graphs_captured: int = 0
     capture_seconds: float = 0.0
     fallback_reason: str | None = None
@@ -340,9 +344,10 @@ class Generator:
         self.buckets = buckets_for(config.max_batch)
         self._streams = streams
         self._compute = streams.get_compute_stream()
-        self.stats = DecodeStats(graphs=config.graphs and streams.is_cuda, compiled=config.compile and streams.is_cuda)
-        if (config.graphs or config.compile) and not streams.is_cuda:
-            self.stats.fallback_reason = "CPU backend: CUDA graphs and compile off, running eager"
+        self.stats = DecodeStats(graphs=config.graphs and streams.is_cuda, compiled=config.compile and streams.is_cuda,
+                                 kernels=config.kernels and streams.is_cuda)
+        if (config.graphs or config.compile or config.kernels) and not streams.is_cuda:
+            self.stats.fallback_reason = "CPU backend: CUDA graphs, compile and kernels off, running eager"
         # Inductor without its own CUDA graphs: the step is captured in ours. Static shapes, one
         # compilation per bucket; past dynamo's recompile limit (8 shapes) a bucket's step runs eager kernels.
         self._model_step = (torch.compile(model.step, fullgraph=True, dynamic=False) if self.stats.compiled
@@ -375,6 +380,10 @@ class Generator:
             self._host_prompts = torch.zeros(rows * length, dtype=torch.long, pin_memory=pinned)
             self._host_out = torch.zeros(rows * length, dtype=torch.long, pin_memory=pinned)
             self._host_flags = torch.zeros(2, dtype=torch.bool, pin_memory=pinned)
+            self._one_row = None
+            if self.stats.kernels:
+                from actors.decode_kernels import OneRowStep  # imports Triton: CUDA only
+                self._one_row = OneRowStep(model, length, pdl=torch.cuda.get_device_capability(device)[0] >= 9)
         self._host_flags_np = self._host_flags.numpy()
         self._compute.synchronize()  # the buffers exist before any lane touches them
         self._step_done = (streams.create_event(), streams.create_event())
@@ -605,7 +614,13 @@ class Generator:
 
     def _decode_step(self, rows: int, parity: int) -> None:
         """Steps 1.. of the cached loops; what a graph captures."""
-        logits = self._model_step(self._tokens[:rows], self._pos, self._view(rows))
+        one_row = self._one_row if rows == 1 else None
+        if one_row is not None and self.config.temperature == 0:
+            one_row.greedy(self._tokens[:1], self._pos, self._view(1), self._finished[:1], self._out[0], self._step,
+                           self._flags[parity:parity + 1], self.config.pad_token_id, self.config.eos_token_id)
+            return
+        step = one_row.logits if one_row is not None else self._model_step
+        logits = step(self._tokens[:rows], self._pos, self._view(rows))
         self._pos.add_(1)
         self._advance(logits, rows, parity)
 

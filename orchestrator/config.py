@@ -266,6 +266,8 @@ class DecodeConfig(_Strict):
     graphs: bool = Field(True, description="replay each decode step as a CUDA graph (off on the CPU backend)")
     compile: bool = Field(False, description="fuse the decode step's kernels with torch.compile before its capture "
                                              "(CUDA only; compiles once per batch-size bucket, needs a C compiler)")
+    kernels: bool = Field(False, description="a one-row decode step runs hand-written Triton kernels "
+                                             "(actors.decode_kernels; CUDA only): a batch of one prompt")
 
 
 class FaultConfig(_Strict):

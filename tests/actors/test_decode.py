@@ -248,13 +248,14 @@ def test_bad_settings_are_refused(tiny):
                 gen.generate(prompts(1, 2), 0)
 
 
-def test_compile_and_graphs_fall_back_to_eager_on_the_cpu_backend(tiny):
-    x = prompts(2, seed=8)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_compile_graphs_and_kernels_fall_back_to_eager_on_the_cpu_backend(tiny, rows):
+    x = prompts(rows, seed=8)
     want = run_all(tiny, x, graphs=False)["synced"]
-    streams, gen = generator(tiny, compile=True)
+    streams, gen = generator(tiny, compile=True, kernels=True)
     with streams, gen:
-        assert not gen.stats.compiled and not gen.stats.graphs
-        assert "compile off" in gen.stats.fallback_reason
+        assert not gen.stats.compiled and not gen.stats.graphs and not gen.stats.kernels
+        assert "kernels off" in gen.stats.fallback_reason
         np.testing.assert_array_equal(gen.generate(x, N, "interleaved").tokens, want.tokens)
         with pytest.raises(RuntimeError, match="needs CUDA and graphs on"):
             gen.device_step_seconds(x, N)
@@ -302,19 +303,21 @@ def test_synced_and_interleaved_agree_in_bfloat16_on_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernels", [False, True], ids=["model_step", "kernels"])
 @pytest.mark.parametrize("eos_at", [None, 5])
-def test_interleaved_syncs_the_host_only_for_the_lagged_flag_read(eos_at):
+def test_interleaved_syncs_the_host_only_for_the_lagged_flag_read(eos_at, kernels):
     """Under sync debug mode "error" every synchronising CUDA call raises; event waits are not such calls.
 
     The synced loop's per-token ``.item()`` raises there (the check works); the
     interleaved loop's host waits are event synchronisations only: one per step
-    on the flag copy into pinned memory, and the final copy of the tokens.
+    on the flag copy into pinned memory, and the final copy of the tokens. With
+    ``kernels`` the one-row step, EOS and flag included, is actors.decode_kernels'.
     """
     x = prompts(4, seed=6, vocab=GPT2_SMALL.vocab_size)
-    streams, gen = generator(_cuda_model(GPT2_SMALL), "cuda")
+    streams, gen = generator(_cuda_model(GPT2_SMALL), "cuda", kernels=kernels)
     with streams, gen:
         eos = None if eos_at is None else int(gen.generate(x[:1], N, "synced").tokens[0, eos_at])
-    streams, gen = generator(_cuda_model(GPT2_SMALL), "cuda", eos_token_id=eos)
+    streams, gen = generator(_cuda_model(GPT2_SMALL), "cuda", eos_token_id=eos, kernels=kernels)
     with streams, gen:
         want = gen.generate(x[:1], N, "synced")  # captures the graphs outside the checked region
         assert gen._host_flags.is_pinned()  # a non-blocking copy into pageable memory would sync silently
@@ -349,6 +352,28 @@ def test_compiled_step_gives_the_tokens_of_the_eager_step_on_cuda(rows):
         assert gen.stats.compiled and gen.stats.graphs_captured == 2
         np.testing.assert_array_equal(interleaved.tokens, synced.tokens)
         assert (synced.tokens == eager).mean() >= 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_kernels_give_the_tokens_of_the_eager_step_at_one_row_on_cuda(temperature):
+    """One row runs actors.decode_kernels (greedy: the token choice too); a bucket of more rows, the model's step.
+
+    The kernels sum in another order than the eager step's cuBLAS calls, so
+    greedy fp32 tokens may part at a near-tie: at least 95% must agree.
+    """
+    x = prompts(3, seed=11, vocab=GPT2_SMALL.vocab_size)
+    model = _cuda_model(GPT2_SMALL)
+    streams, gen = generator(model, "cuda", temperature=temperature)
+    with streams, gen:
+        eager = {rows: gen.generate(x[:rows], N, "synced").tokens for rows in (1, 3)}
+    streams, gen = generator(model, "cuda", temperature=temperature, kernels=True)
+    with streams, gen:
+        assert gen.stats.kernels
+        synced, interleaved = gen.generate(x[:1], N, "synced"), gen.generate(x[:1], N, "interleaved")
+        np.testing.assert_array_equal(interleaved.tokens, synced.tokens)
+        assert (synced.tokens == eager[1]).mean() >= 0.95
+        np.testing.assert_array_equal(gen.generate(x, N, "interleaved").tokens, eager[3])
 
 
 @pytest.mark.gpu

@@ -1,0 +1,268 @@
+"""Triton kernels for the decoder's one-row cached step: four GEMVs and a split attention a layer.
+
+Per layer: layer norm + qkv product (its keys and values written straight into
+the cache at ``pos``); attention over the cache up to ``pos``, split into
+chunks of ``BLOCK_L`` positions, each chunk's unnormalised softmax partials
+written out; output projection, whose input is those partials merged, +
+residual; layer norm + first MLP product + GELU; second MLP product +
+residual. Then the final layer norm and the output head.
+
+Each product is a GEMV: a program owns ``BLOCK_N`` output features and loads
+their weight rows whole, before anything else, so the weight's read is in
+flight while the program builds its input (a layer norm of the 768-wide
+residual, or the merged attention), which every program recomputes: cheaper
+than a kernel of its own. No atomics: every output is summed in one fixed
+order, so a step gives the same bits every time it runs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gelu_tanh(y):
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))  # 1 + tanh(u), tanh from exp
+
+
+@triton.jit
+def _await_previous_kernel(PDL: tl.constexpr):
+    """Under programmatic dependent launch: let the next kernel start, then wait for the previous one's writes.
+
+    Everything before this call may only read what no kernel of the step writes
+    (the weights); the next kernel, started early, waits here in turn, so every
+    kernel finishes after all the ones before it.
+    """
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PDL: tl.constexpr):
+    _await_previous_kernel(PDL)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    tok = tl.load(tok_ptr)
+    pos = tl.load(pos_ptr)
+    x = tl.load(wte_ptr + tok * D + offs, mask=mask).to(tl.float32) + \
+        tl.load(wpe_ptr + pos * D + offs, mask=mask).to(tl.float32)
+    tl.store(x_ptr + offs, x, mask=mask)
+
+
+@triton.jit
+def _merged_attention(part_m_ptr, part_l_ptr, part_acc_ptr, rk, k_mask,
+                      HD: tl.constexpr, CHUNKS: tl.constexpr):
+    """Features ``rk`` of the attention output: each head's chunk partials merged (softmax over all chunks)."""
+    head = rk // HD
+    m = tl.full(rk.shape, float("-inf"), tl.float32)
+    for c in tl.static_range(CHUNKS):
+        m = tl.maximum(m, tl.load(part_m_ptr + head * CHUNKS + c, mask=k_mask, other=0.0))
+    total = tl.zeros(rk.shape, tl.float32)
+    acc = tl.zeros(rk.shape, tl.float32)
+    for c in tl.static_range(CHUNKS):
+        weight = tl.exp(tl.load(part_m_ptr + head * CHUNKS + c, mask=k_mask, other=0.0) - m)
+        total += weight * tl.load(part_l_ptr + head * CHUNKS + c, mask=k_mask, other=0.0)
+        acc += weight * tl.load(part_acc_ptr + (head * CHUNKS + c) * HD + rk % HD, mask=k_mask, other=0.0)
+    return tl.where(k_mask, acc / total, 0.0)  # the padding features: 0, not 0 / 0
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr,
+                part_l_ptr, part_acc_ptr, best_ptr, best_index_ptr, eps, N,
+                K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
+                LN: tl.constexpr, ATTENTION: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr,
+                RESIDUAL: tl.constexpr, QKV: tl.constexpr, ARGMAX: tl.constexpr,
+                D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr):
+    """out[n] (+)= act(sum_k input[k] * w[n, k] + b[n]) for this program's BLOCK_N features.
+
+    input: x, LN(x), or (ATTENTION) the attention merged from its partials
+    (``x_ptr`` holds the chunk maxima). QKV: features [0, D) go to ``out``
+    (the query), [D, 2D) and [2D, 3D) to the key and value caches
+    (heads, L, HD) at position ``pos``. ARGMAX: also this program's largest
+    output and its feature (the first, on ties), for ``greedy_advance_kernel``.
+    """
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rk = tl.arange(0, K_POW2)
+    k_mask = rk < K
+    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    _await_previous_kernel(PDL)
+    if ATTENTION:
+        x = _merged_attention(x_ptr, part_l_ptr, part_acc_ptr, rk, k_mask, HD, CHUNKS)
+    else:
+        x = tl.load(x_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+    if LN:
+        mean = tl.sum(x) / K
+        centred = tl.where(k_mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred) / K + eps)
+        x = centred * rstd * tl.load(ln_w_ptr + rk, mask=k_mask, other=0.0).to(tl.float32) + \
+            tl.load(ln_b_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    if BIAS:
+        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if GELU:
+        y = _gelu_tanh(y)
+    if RESIDUAL:
+        y += tl.load(out_ptr + rn, mask=n_mask, other=0.0)
+    if QKV:
+        which = rn // D
+        col = rn % D
+        cached = (col // HD) * (L * HD) + tl.load(pos_ptr) * HD + col % HD
+        tl.store(out_ptr + col, y, mask=n_mask & (which == 0))
+        tl.store(k_ptr + cached, y, mask=n_mask & (which == 1))
+        tl.store(v_ptr + cached, y, mask=n_mask & (which == 2))
+    else:
+        tl.store(out_ptr + rn, y, mask=n_mask)
+    if ARGMAX:
+        best, where = tl.max(tl.where(n_mask, y, float("-inf")), axis=0, return_indices=True,
+                             return_indices_tie_break_left=True)
+        tl.store(best_ptr + tl.program_id(0), best)
+        tl.store(best_index_ptr + tl.program_id(0), tl.program_id(0) * BLOCK_N + where)
+
+
+@triton.jit
+def attention_kernel(q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, pos_ptr, scale,
+                     L: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
+                     PDL: tl.constexpr):
+    """One head's chunk of positions up to ``pos``: its score maximum, sum of exp and exp-weighted values."""
+    _await_previous_kernel(PDL)
+    head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    pos = tl.load(pos_ptr)
+    rl = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
+    d = tl.arange(0, HD)
+    valid = rl <= pos
+    offs = head * L * HD + rl[:, None] * HD + d[None, :]
+    k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + head * HD + d) * scale
+    s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+    m = tl.max(s)  # -inf for a chunk past pos: its weight in the merge is exp(-inf) = 0
+    p = tl.where(valid, tl.exp(s - m), 0.0)
+    part = head * CHUNKS + chunk
+    tl.store(part_m_ptr + part, m)
+    tl.store(part_l_ptr + part, tl.sum(p))
+    tl.store(part_acc_ptr + part * HD + d, tl.sum(p[:, None] * v, axis=0))
+
+
+@triton.jit
+def greedy_advance_kernel(best_ptr, best_index_ptr, tokens_ptr, pos_ptr, finished_ptr, out_ptr, step_ptr, flag_ptr,
+                          pad, eos, PARTS: tl.constexpr, BLOCK: tl.constexpr, EOS: tl.constexpr, PDL: tl.constexpr):
+    """The token choice of ``Generator._advance`` for one row at temperature 0, and the position's advance.
+
+    The token is the first largest logit (the head's per-program maxima
+    merged), or the pad once the row has finished; it is written to the output
+    column ``step`` and fed to the next step; ``finished`` takes in EOS and the
+    flag copies it; ``step`` and ``pos`` go up by one.
+    """
+    _await_previous_kernel(PDL)
+    offs = tl.arange(0, BLOCK)
+    best = tl.load(best_ptr + offs, mask=offs < PARTS, other=float("-inf"))
+    _, where = tl.max(best, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    finished = tl.load(finished_ptr) != 0
+    token = tl.where(finished, pad, tl.load(best_index_ptr + where))
+    step = tl.load(step_ptr)
+    tl.store(out_ptr + step, token)
+    if EOS:
+        finished = finished | (token == eos)
+        tl.store(finished_ptr, finished)
+    tl.store(flag_ptr, finished)
+    tl.store(tokens_ptr, token)
+    tl.store(step_ptr, step + 1)
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+
+
+# (block_n, num_warps) per product, (block_l, num_warps) for the attention: the fastest of a sweep for
+# GPT-2 small in float32 on an H100, each kernel timed in a CUDA graph over weights that miss L2
+# (docs/results/decode_kernel_probe). Any shape runs with them; other shapes may have faster ones.
+CONFIGS = {"qkv": (2, 2), "proj": (4, 4), "fc": (4, 2), "proj2": (2, 8), "head": (16, 4), "attention": (16, 2)}
+
+
+class OneRowStep:
+    """The decode step of a ``Decoder`` for one row, as the kernels above (CUDA; Triton).
+
+    ``logits`` is ``Decoder.step`` for one row (float32 logits);
+    ``greedy`` is that, the position's advance and ``Generator._advance`` at
+    temperature 0, with no other kernels. Owns the step's activation buffers, so
+    a CUDA graph of it keeps its addresses. ``pdl``: programmatic dependent
+    launch (sm90 and later), so each kernel reads its weights while the one
+    before it finishes.
+    """
+
+    def __init__(self, model, length: int, pdl: bool, configs: dict | None = None) -> None:
+        shape = model.shape
+        head_size = shape.d_model // shape.n_head
+        if head_size & (head_size - 1):
+            raise ValueError(f"the decode kernels need a power-of-two head size (d_model / n_head), got "
+                             f"{shape.d_model} / {shape.n_head} = {head_size}")
+        self.model = model
+        self.pdl = pdl
+        self.configs = {**CONFIGS, **(configs or {})}
+        self.d, self.hd, self.length = shape.d_model, head_size, length
+        self.chunks = triton.cdiv(length, self.configs["attention"][0])
+        self.parts = triton.cdiv(shape.vocab_size, self.configs["head"][0])
+        device = model.wte.weight.device
+        f32 = dict(dtype=torch.float32, device=device)
+        self.x = torch.empty(self.d, **f32)
+        self.q = torch.empty(self.d, **f32)
+        self.part_m = torch.empty(shape.n_head, self.chunks, **f32)
+        self.part_l = torch.empty(shape.n_head, self.chunks, **f32)
+        self.part_acc = torch.empty(shape.n_head, self.chunks, self.hd, **f32)
+        self.h = torch.empty(4 * self.d, **f32)
+        self.vocab_logits = torch.empty(1, shape.vocab_size, **f32)
+        self.best = torch.empty(self.parts, **f32)
+        self.best_index = torch.empty(self.parts, dtype=torch.long, device=device)
+
+    def logits(self, tokens, pos, cache):
+        """``Decoder.step(tokens, pos, cache)`` for one row: the logits ``(1, vocab)``, float32."""
+        self._layers(tokens, pos, cache, argmax=False)
+        return self.vocab_logits
+
+    def greedy(self, tokens, pos, cache, finished, out, step, flag, pad: int, eos: int | None) -> None:
+        """One greedy step of one row, in place: feeds ``tokens`` at ``pos``, then as ``Generator._advance``.
+
+        ``out`` is the row's output tokens, ``step`` the column this step writes,
+        ``flag`` the all-finished flag (one element each).
+        """
+        self._layers(tokens, pos, cache, argmax=True)
+        greedy_advance_kernel[(1,)](
+            self.best, self.best_index, tokens, pos, finished, out, step, flag, pad, -1 if eos is None else eos,
+            PARTS=self.parts, BLOCK=triton.next_power_of_2(self.parts), EOS=eos is not None, PDL=self.pdl,
+            num_warps=4, launch_pdl=self.pdl)
+
+    def _layers(self, tokens, pos, cache, argmax: bool) -> None:
+        m = self.model
+        block_l, warps = self.configs["attention"]
+        embed_kernel[(1,)](tokens, pos, m.wte.weight, m.wpe.weight, self.x, D=self.d,
+                           BLOCK_D=triton.next_power_of_2(self.d), PDL=self.pdl, launch_pdl=self.pdl)
+        for block, (keys, values) in zip(m.blocks, cache.layers):
+            self._gemv("qkv", self.x, block.attn.qkv, self.q, ln=block.ln_1, cache=(keys, values), pos=pos)
+            attention_kernel[(block.attn.n_head, self.chunks)](
+                self.q, keys, values, self.part_m, self.part_l, self.part_acc, pos, block.attn.scale,
+                L=self.length, HD=self.hd, BLOCK_L=block_l, CHUNKS=self.chunks, PDL=self.pdl, num_warps=warps,
+                launch_pdl=self.pdl)
+            self._gemv("proj", self.part_m, block.attn.proj, self.x, residual=True, attention=True)
+            self._gemv("fc", self.x, block.mlp[0], self.h, ln=block.ln_2, gelu=True)
+            self._gemv("proj2", self.h, block.mlp[2], self.x, residual=True)
+        self._gemv("head", self.x, m.lm_head, self.vocab_logits, ln=m.ln_f, argmax=argmax)
+
+    def _gemv(self, name, x, linear, out, ln=None, gelu=False, residual=False, cache=None, pos=None,
+              attention=False, argmax=False) -> None:
+        block_n, warps = self.configs[name]
+        n, k = linear.weight.shape
+        bias = linear.bias
+        keys, values = cache if cache is not None else (out, out)
+        # A pointer the flags leave unread gets any tensor.
+        gemv_kernel[(triton.cdiv(n, block_n),)](
+            x, linear.weight, bias if bias is not None else linear.weight, out,
+            ln.weight if ln is not None else x, ln.bias if ln is not None else x, keys, values,
+            pos if pos is not None else x, self.part_l, self.part_acc, self.best, self.best_index,
+            ln.eps if ln is not None else 0.0, n,
+            K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, LN=ln is not None, ATTENTION=attention,
+            BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, QKV=cache is not None, ARGMAX=argmax,
+            D=self.d, HD=self.hd, L=self.length, CHUNKS=self.chunks, PDL=self.pdl, num_warps=warps,
+            launch_pdl=self.pdl)

@@ -1,0 +1,126 @@
+"""The one-row decode kernels (actors.decode_kernels) against the eager step, run by Triton's interpreter on the CPU.
+
+``TRITON_INTERPRET=1`` must be set before Triton decorates the kernels, and
+would also turn the GPU tests' Inductor kernels into interpreted ones, so the
+checks run in a fresh process. On CUDA the same kernels are compiled; the GPU
+tests in test_decode.py check their tokens there.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+PRELUDE = textwrap.dedent("""
+    import torch
+    from actors.decode import Decoder, DecoderShape, KVCache
+    from actors.decode_kernels import OneRowStep, greedy_advance_kernel
+
+    torch.manual_seed(0)
+    # Head size 32, vocabulary and cache length not multiples of the kernels' blocks.
+    SHAPE = DecoderShape(vocab_size=300, n_positions=64, d_model=128, n_layer=2, n_head=4)
+    LENGTH, PROMPT = 21, 7
+    # Larger blocks than CONFIGS' (the interpreter runs program by program); 3 attention chunks, the last partial.
+    CONFIGS = {"qkv": (32, 4), "proj": (16, 4), "fc": (64, 4), "proj2": (16, 4), "head": (32, 4), "attention": (8, 2)}
+    model = Decoder(SHAPE).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # biases and layer norms away from their zero and one defaults
+                p.add_(0.1 * torch.randn_like(p))
+    prompt = torch.randint(0, SHAPE.vocab_size, (1, PROMPT))
+""")
+
+LOGITS = PRELUDE + textwrap.dedent("""
+    want_cache, got_cache = (KVCache(SHAPE, 1, LENGTH, torch.float32, torch.device("cpu")) for _ in range(2))
+    step = OneRowStep(model, LENGTH, pdl=False, configs=CONFIGS)
+    with torch.inference_mode():
+        for cache in (want_cache, got_cache):
+            model(prompt, cache.view(1))
+        token, pos = prompt[:, -1], torch.tensor([PROMPT])
+        for _ in range(LENGTH - PROMPT):
+            want = model.step(token, pos, want_cache.view(1))
+            got = step.logits(token, pos, got_cache.view(1))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert want.std() > 0.1
+            token, pos = want.argmax(-1), pos + 1
+    torch.testing.assert_close(got_cache.keys, want_cache.keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_cache.values, want_cache.values, rtol=1e-5, atol=1e-5)
+    print("ok")
+""")
+
+GREEDY = PRELUDE + textwrap.dedent("""
+    def reference(eos):
+        '''Generator._decode_step at temperature 0 for one row: tokens from the eager step.'''
+        cache = KVCache(SHAPE, 1, LENGTH, torch.float32, torch.device("cpu"))
+        model(prompt, cache.view(1))
+        token, pos, finished, out = prompt[:, -1], PROMPT, False, []
+        for _ in range(LENGTH - PROMPT):
+            choice = 0 if finished else int(model.step(token, torch.tensor([pos]), cache.view(1)).argmax(-1))
+            out.append(choice)
+            finished = finished or choice == eos
+            token, pos = torch.tensor([choice]), pos + 1
+        return out
+
+    steps = LENGTH - PROMPT
+    with torch.inference_mode():
+        free = reference(None)
+        hit = next(i for i in range(1, steps) if free[i] not in free[:i])  # EOS at a step after the first
+        eos = free[hit]
+        want = reference(eos)
+        assert want[:hit + 1] == free[:hit + 1] and want[hit + 1:] == [0] * (steps - hit - 1) != free[hit + 1:]
+        step = OneRowStep(model, LENGTH, pdl=False, configs=CONFIGS)
+        cache = KVCache(SHAPE, 1, LENGTH, torch.float32, torch.device("cpu"))
+        model(prompt, cache.view(1))
+        tokens, pos = prompt[:, -1].clone(), torch.tensor([PROMPT])
+        finished, flag = torch.zeros(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)
+        out, column = torch.full((LENGTH,), -1), torch.zeros(1, dtype=torch.long)
+        flags = []
+        for _ in range(steps):
+            step.greedy(tokens, pos, cache.view(1), finished, out, column, flag, 0, eos)
+            flags.append(bool(flag))
+    assert out[:steps].tolist() == want, (out[:steps].tolist(), want)
+    assert (out[steps:] == -1).all()  # nothing written past the last column
+    assert flags == [False] * hit + [True] * (steps - hit)
+    assert bool(finished) and int(column) == steps and int(pos) == LENGTH and int(tokens) == 0
+
+    # The head's partial maxima: a tie between two programs goes to the first one's index.
+    best = torch.tensor([0.5, 2.0, 1.0, 2.0])
+    index = torch.tensor([3, 17, 40, 9])
+    for already, expected in ((False, 17), (True, 5)):
+        tokens, pos, finished = torch.tensor([1]), torch.tensor([4]), torch.tensor([already])
+        out, column, flag = torch.zeros(6, dtype=torch.long), torch.tensor([2]), torch.zeros(1, dtype=torch.bool)
+        greedy_advance_kernel[(1,)](best, index, tokens, pos, finished, out, column, flag, 5, 17,
+                                    PARTS=4, BLOCK=4, EOS=True, PDL=False)
+        assert out.tolist() == [0, 0, expected, 0, 0, 0] and int(tokens) == expected
+        assert bool(finished) and bool(flag) and int(column) == 3 and int(pos) == 5
+    print("ok")
+""")
+
+
+def interpret(script: str) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_a_head_size_the_kernels_cannot_tile_is_refused():
+    from actors.decode import Decoder, DecoderShape
+    from actors.decode_kernels import OneRowStep
+    with pytest.raises(ValueError, match="power-of-two head size.*96 / 4 = 24"):
+        OneRowStep(Decoder(DecoderShape(vocab_size=50, n_positions=16, d_model=96, n_layer=1, n_head=4)), 16, pdl=False)
+
+
+def test_kernels_give_the_eager_steps_logits_and_cache():
+    """Logits and KV cache of the kernels' step match ``Decoder.step``, step after step up to the cache's end."""
+    interpret(LOGITS)
+
+
+def test_greedy_step_chooses_writes_and_stops_as_the_generator_does():
+    """Greedy token, output column, EOS, the finished flag, pads after it; ties go to the first index."""
+    interpret(GREEDY)
