@@ -18,6 +18,7 @@ Floors: interleaved >= 1.08x synced at batch 1 (seed 002 reports up to +11.6%
 at low batch) and interleaved >= 5x naive at every batch size measured.
 
     python -m orchestrator.bench.decode_bench --out docs/results/decode.json
+    python -m orchestrator.bench.decode_bench --compile --kernels --out docs/results/decode_kernels.json
     python -m orchestrator.bench.decode_bench --quick --out /tmp/decode.json  # tiny decoder; runs on the CPU
 """
 from __future__ import annotations
@@ -39,10 +40,11 @@ QUICK = dict(sizes="1,4", new_tokens=16, prompt_len=8, repeats=2)
 
 
 def bench_batch(model: Decoder, streams: StreamManager, rows: int, prompt_len: int, new_tokens: int, repeats: int,
-                loops: tuple[str, ...], compile_step: bool) -> dict:
+                loops: tuple[str, ...], compile_step: bool, kernels: bool = False) -> dict:
     """One batch size: every loop in ``loops`` warmed up, then timed in interleaved rounds."""
     x = np.random.default_rng(rows).integers(0, model.shape.vocab_size, (rows, prompt_len))
-    config = GenerateConfig(max_batch=rows, max_seq_len=prompt_len + new_tokens, compile=compile_step)
+    config = GenerateConfig(max_batch=rows, max_seq_len=prompt_len + new_tokens, compile=compile_step,
+                            kernels=kernels)
     with Generator(model, streams, config) as gen:
         results = {loop: gen.generate(x, new_tokens, loop) for loop in loops}  # warm-up; captures the graphs
         seconds: dict[str, list[float]] = {loop: [] for loop in loops}
@@ -57,6 +59,7 @@ def bench_batch(model: Decoder, streams: StreamManager, rows: int, prompt_len: i
     rate = {loop: rows * new_tokens / statistics.median(s) for loop, s in seconds.items()}
     step_us = {loop: 1e6 * statistics.median(s) / new_tokens for loop, s in seconds.items()}
     return {"batch": rows, "new_tokens": new_tokens, "graphs": stats.graphs, "compiled": stats.compiled,
+            "kernels": stats.kernels,
             "capture_seconds": stats.capture_seconds,
            **{f"{loop}_tokens_per_s": rate.get(loop) for loop in LOOPS},
            "interleaved_vs_synced": rate["interleaved"] / rate["synced"],
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--compile", action="store_true",
                         help="fuse the cached step's kernels with torch.compile inside its CUDA graph")
+    parser.add_argument("--kernels", action="store_true",
+                        help="at batch 1, the cached step as actors.decode_kernels' Triton kernels (graphs too)")
     parser.add_argument("--naive-max-batch", type=int, default=None,
                         help="skip the naive loop above this batch size (its time grows with new_tokens^2)")
     parser.add_argument("--quick", action="store_true",
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             naive = args.naive_max_batch is None or size <= args.naive_max_batch
             loops = LOOPS if naive else tuple(loop for loop in LOOPS if loop != "naive")
             rows.append(bench_batch(model, streams, size, args.prompt_len, args.new_tokens, args.repeats, loops,
-                                    args.compile))
+                                    args.compile, args.kernels))
             print_table(rows, ["batch", "naive_tokens_per_s", "synced_tokens_per_s", "interleaved_tokens_per_s",
                                "interleaved_vs_synced", "interleaved_vs_naive", "device_step_us", "synced_step_us",
                                "interleaved_step_us", "synced_vs_device", "synced_interleaved_identical",
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{'PASS' if ok else 'FAIL'}  {floor} (floor {FLOORS[floor]})")
     settings = {"model": "tiny_decoder" if args.quick else "gpt2_small", "dtype": args.dtype,
                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                "eos_token_id": None, "compile": args.compile, "naive_max_batch": args.naive_max_batch,
+                "eos_token_id": None, "compile": args.compile, "kernels": args.kernels,
+                "naive_max_batch": args.naive_max_batch,
                 "quick": args.quick, "device": str(device)}
     write_result(args.out, "decode", command_line("orchestrator.bench.decode_bench", argv), rows,
                  settings=settings, floors=FLOORS, passed=passed)
