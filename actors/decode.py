@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.errors import InputError, PipelineBrokenError, first_line
+from actors.errors import InputError, PipelineBrokenError, one_line
 from actors.graphs import bucket_for, buckets_for
 from actors.streams import StreamManager, StreamPriority
 
@@ -503,7 +503,7 @@ class Generator:
         try:
             self._drain()
         except Exception as sync_err:
-            self._broken = self._broken or f"{type(sync_err).__name__}: {first_line(sync_err)}"
+            self._broken = self._broken or one_line(sync_err)
             log.error("decode: device failure on batch %s: %s", batch_id, sync_err)
             raise PipelineBrokenError(self._broken) from err
 

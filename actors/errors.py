@@ -105,3 +105,8 @@ def first_line(err: BaseException) -> str:
     """The first line of an error's text (Ray's and CUDA's run on with tracebacks and hints), or its type."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: first line`` of an error: what it was, when it is reported as another error's cause."""
+    return f"{type(err).__name__}: {first_line(err)}"

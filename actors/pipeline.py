@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.errors import DeviceMemoryError, InputError, ModelError, PipelineBrokenError, first_line
+from actors.errors import DeviceMemoryError, InputError, ModelError, PipelineBrokenError, first_line, one_line
 from actors.graphs import GraphConfig, GraphRunner, buckets_for
 from actors.models import BuiltModel
 from actors.pinning import shared_pinner
@@ -347,7 +347,7 @@ class Pipeline:
 
     def _break(self, batch_id: int, err: BaseException) -> PipelineBrokenError:
         """Mark the pipeline unusable after a device failure seen on ``batch_id``; the error to raise."""
-        self._broken = self._broken or f"{type(err).__name__}: {first_line(err)}"
+        self._broken = self._broken or one_line(err)
         log.error("pipeline %s: device failure on batch %s: %s", self.name, batch_id, err)
         return PipelineBrokenError(self._broken)
 

@@ -27,7 +27,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-from actors.errors import BatchError, InputError, ModelError, OrchestratorError, first_line
+from actors.errors import BatchError, InputError, ModelError, OrchestratorError, first_line, one_line
 from actors.pipeline import BatchResult
 from orchestrator.sources import Batch
 
@@ -301,7 +301,7 @@ class Dispatcher:
         except RayTaskError as err:
             cause = err.cause
             if not isinstance(cause, BatchError):
-                cause = ModelError(batch_id, f"{type(cause).__name__}: {first_line(cause)}", call.worker.name)
+                cause = ModelError(batch_id, one_line(cause), call.worker.name)
             yield from self._failed(call, cause)
             return
         if not self._ledger.end(batch_id):

@@ -48,18 +48,21 @@ print("broken:", pipeline.broken, flush=True)
 os._exit(0)  # no teardown on a poisoned context
 """
 
+AFTER_POISON = """
+try:
+    worker.infer(1, {rows})
+    print("batch 1: ok", flush=True)
+except Exception as err:
+    print(f"batch 1: {{type(err).__name__}}", flush=True)
+print("the worker survived a poisoned context", flush=True)
+"""
+
 WORKER = SETUP + """
 from actors.worker import GpuWorker
 worker = GpuWorker("worker-x", [{"name": "m", "model": {"source": "zoo:tiny_mlp"}}], {"max_batch_rows": 8})
 print("batch 0:", worker.infer(0, x).rows, "rows", flush=True)
 poison()
-try:
-    worker.infer(1, x)
-    print("batch 1: ok", flush=True)
-except Exception as err:
-    print(f"batch 1: {type(err).__name__}", flush=True)
-print("the worker survived a poisoned context", flush=True)
-"""
+""" + AFTER_POISON.format(rows="x")
 
 GENERATOR = SETUP + """
 from actors.decode import TINY_DECODER, Decoder, GenerateConfig, Generator
@@ -87,13 +90,7 @@ worker = DecodeWorker("worker-d", {"source": "zoo:tiny_decoder"},
 prompts = np.random.default_rng(1).integers(0, 100, (8, worker.spec.row_shape[0]))
 print("batch 0:", worker.infer(0, prompts).rows, "rows", flush=True)
 poison()
-try:
-    worker.infer(1, prompts)
-    print("batch 1: ok", flush=True)
-except Exception as err:
-    print(f"batch 1: {type(err).__name__}", flush=True)
-print("the worker survived a poisoned context", flush=True)
-"""
+""" + AFTER_POISON.format(rows="prompts")
 
 
 def _run(script: str) -> subprocess.CompletedProcess:
