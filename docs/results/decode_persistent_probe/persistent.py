@@ -17,33 +17,16 @@ import time
 import numpy as np
 import torch
 
-from actors.decode import GPT2_SMALL, Decoder, GenerateConfig, Generator, KVCache
+from actors.decode import GPT2_SMALL, Decoder, GenerateConfig, Generator
 from actors.streams import StreamManager
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "decode_kernel_probe")]
 from decode_persistent import PersistentStep  # noqa: E402  (this probe's kernel, next to it)
+from triton_step import check_logits  # noqa: E402  (the kernel probe's: 8 steps after a 16-token prompt)
 
-ROWS, PROMPT, NEW = 1, 16, 256
+ROWS, PROMPT, NEW = 1, 16, 256  # as triton_step's, whose check_logits runs here
 SETTINGS = {"persistent": {}, "persistent_w8": {"num_warps": 8}, "persistent_head32": {"block_head": 32}}
-
-
-def check_logits(model, step, x):
-    caches = [KVCache(model.shape, 1, PROMPT + NEW, next(model.parameters()).dtype, torch.device("cuda"))
-              for _ in range(2)]
-    prompt = torch.as_tensor(x, device="cuda")
-    worst, scale = 0.0, 0.0
-    with torch.inference_mode():
-        for cache in caches:
-            model(prompt, cache.view(1))
-        tok, pos = prompt[:, -1], torch.tensor([PROMPT], device="cuda")
-        for _ in range(8):
-            ref = model.step(tok, pos, caches[0].view(1)).float()
-            got = step.logits(tok, pos, caches[1].view(1))
-            worst = max(worst, (ref - got).abs().max().item())
-            scale = max(scale, ref.abs().max().item())
-            tok = ref.argmax(-1)
-            pos += 1
-    return worst, scale
 
 
 def timed(fn):
