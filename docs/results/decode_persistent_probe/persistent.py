@@ -36,19 +36,20 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def run_dtype(dtype, rounds, streams):
+def run_dtype(dtype, rounds, streams, step_class=PersistentStep, settings=SETTINGS):
+    """``step_class(model, length, **kwargs)`` per entry of ``settings`` against the product's kernels."""
     torch.manual_seed(0)
     model = Decoder(GPT2_SMALL).eval().to("cuda", dtype)
     x = np.random.default_rng(ROWS).integers(0, model.shape.vocab_size, (ROWS, PROMPT))
     t0 = time.perf_counter()
-    worst, scale = check_logits(model, PersistentStep(model, PROMPT + NEW), x)
-    print(f"{dtype}: persistent logits vs eager: max |diff| {worst:.3g} (logits up to {scale:.3g}); "
+    worst, scale = check_logits(model, step_class(model, PROMPT + NEW), x)
+    print(f"{dtype}: {step_class.__name__} logits vs eager: max |diff| {worst:.3g} (logits up to {scale:.3g}); "
           f"first call {time.perf_counter() - t0:.1f} s", flush=True)
     config = GenerateConfig(max_batch=ROWS, max_seq_len=PROMPT + NEW, kernels=True)
     gens = {"kernels": Generator(model, streams, config)}
-    for name, kwargs in SETTINGS.items():
+    for name, kwargs in settings.items():
         gens[name] = Generator(model, streams, config)
-        gens[name]._one_row = PersistentStep(model, PROMPT + NEW, **kwargs)
+        gens[name]._one_row = step_class(model, PROMPT + NEW, **kwargs)
     try:
         tokens = {name: {loop: gen.generate(x, NEW, loop).tokens for loop in ("synced", "interleaved")}
                   for name, gen in gens.items()}
@@ -67,7 +68,7 @@ def run_dtype(dtype, rounds, streams):
     out = []
     for name in gens:
         step_us = {loop: 1e6 * statistics.median(s) / NEW for loop, s in seconds[name].items()}
-        r = {"dtype": str(dtype), "variant": name, "settings": SETTINGS.get(name, {}),
+        r = {"dtype": str(dtype), "variant": name, "settings": settings.get(name, {}),
              "device_step_us": 1e6 * statistics.median(device[name]), "step_us": step_us,
              "step_us_runs": {loop: [round(1e6 * t / NEW, 1) for t in s] for loop, s in seconds[name].items()},
              "interleaved_vs_synced": step_us["synced"] / step_us["interleaved"],
