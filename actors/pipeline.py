@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.errors import DeviceMemoryError, InputError, ModelError, PipelineBrokenError, first_line, one_line
+from actors.errors import (BatchError, DeviceMemoryError, InputError, ModelError, PipelineBrokenError, first_line,
+                           one_line)
 from actors.graphs import GraphConfig, GraphRunner, buckets_for
 from actors.models import BuiltModel
 from actors.pinning import shared_pinner
@@ -446,12 +447,15 @@ class Pipeline:
         slot = item.slot
         try:
             slot.d2h_done.synchronize()
-            outputs = [np.empty_like(host[:item.rows]) for host in slot.host_out_np]
-            for out, host in zip(outputs, slot.host_out_np):
-                self._copy_rows(out, host[:item.rows])
             stage_ms = self._record_timing(item) if item.timed else None
         except Exception as err:  # a device fault poisons the context: nothing after it is trusted
             raise self._break(item.batch_id, err) from err
+        try:
+            outputs = [np.empty_like(host[:item.rows]) for host in slot.host_out_np]
+            for out, host in zip(outputs, slot.host_out_np):
+                self._copy_rows(out, host[:item.rows])
+        except Exception as err:  # host memory, not the device: this batch fails, the pipeline goes on
+            raise BatchError(item.batch_id, f"copying its outputs to host memory failed: {one_line(err)}") from err
         self.stats.add(item.rows, slot.host_in[:item.rows].nbytes, sum(o.nbytes for o in outputs), item.stage_start)
         return BatchResult(item.batch_id, item.rows, _unflatten(self._out_spec, outputs), stage_ms)
 

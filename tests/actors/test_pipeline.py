@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from actors.bounds import analyse, copy_ceilings
-from actors.errors import InputError, ModelError, PipelineBrokenError
+from actors.errors import BatchError, InputError, ModelError, PipelineBrokenError
 from actors.models import BuiltModel, InputSpec
 from actors.pipeline import Pipeline, PipelineConfig, concat_outputs
 from actors.streams import StreamManager
@@ -197,6 +197,30 @@ def test_output_rows_not_matching_the_batch_fail_that_batch_only():
                                              r"expected \(3, 8\)"):
             p.submit(*data[1])
         assert [f.result().rows for f in (first, p.submit(*data[2]))] == [4, 5]
+
+
+def test_a_host_memory_failure_copying_outputs_fails_that_batch_only():
+    """Host memory running out while a batch's outputs leave the slot is that batch's error, not a device failure."""
+    data = batches([4, 3, 5])
+    with StreamManager(device="cpu") as sm, Pipeline(built(), sm, PipelineConfig(depth=2)) as p:
+        copy_rows = p._copy_rows
+
+        def out_of_memory_on_three_output_rows(dst, src):  # outputs are 8 wide, inputs 16
+            if src.shape == (3, 8):
+                raise MemoryError("no host memory for 96 bytes")
+            copy_rows(dst, src)
+
+        p._copy_rows = out_of_memory_on_three_output_rows
+        first = p.submit(*data[0])
+        with pytest.raises(BatchError, match="batch 1: copying its outputs to host memory failed: "
+                                             "MemoryError: no host memory for 96 bytes") as info:
+            p.submit(*data[1]).result()
+        assert not isinstance(info.value, (ModelError, PipelineBrokenError))
+        p._copy_rows = copy_rows
+        later = [p.submit(*data[2]), *(p.submit(10 + i, x) for i, x in batches([3] * 3, seed=5))]
+        assert [f.result().rows for f in (first, *later)] == [4, 5, 3, 3, 3]
+        np.testing.assert_allclose(later[1].result().outputs, reference(Net(), batches([3], seed=5)[0][1]).numpy(),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_an_output_tree_that_changes_after_start_up_fails_that_batch_only():
