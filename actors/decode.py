@@ -31,8 +31,11 @@ next step. Both graphs share one memory pool: they never run at once, since
 each step waits on the previous one. A batch pads up to a bucket of
 ``actors.graphs.buckets_for(max_batch)``; padded rows start finished. With
 ``GenerateConfig(kernels=True)`` a one-row step is ``actors.decode_kernels``'
-Triton kernels (greedy: the token choice too) inside the same graphs. On the
-CPU backend the same code runs eagerly: streams are program order and events
+Triton kernels (greedy: the token choice too) inside the same graphs. Step 0
+(the reset and the prefill) replays as a graph of its own per bucket and
+prompt length, for the first ``GenerateConfig.prefill_graphs`` such pairs of
+up to 4,096 prompt tokens; it reads the batch's rows and id from the device,
+so one graph serves every batch of its pair. On the CPU backend the same code runs eagerly: streams are program order and events
 complete when recorded (``actors.streams``).
 """
 from __future__ import annotations
@@ -254,6 +257,10 @@ class KVCache:
 # -- sampling noise -------------------------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF
+# Step 0 replays as a graph only up to this many prompt tokens (bucket rows x prompt length): its graph keeps
+# its activations in the graphs' pool for the generator's life, and what it saves is the launches (about 2 ms
+# of a GPT-2 small batch-1 call on an H100, docs/results/decode_call_probe), small against a long prefill.
+_PREFILL_GRAPH_TOKENS = 4096
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -279,9 +286,13 @@ class GenerateConfig:
     compile: bool = False  # fuse the cached step's kernels with torch.compile before its capture (CUDA only)
     kernels: bool = False  # a one-row step runs actors.decode_kernels' Triton kernels (CUDA only)
     warmup_iters: int = 2  # eager steps per parity before a bucket's capture
+    # (bucket, prompt length) pairs whose reset + prefill replay as a CUDA graph, each captured at its first
+    # batch; later pairs run eagerly. 0: every prefill eager.
+    prefill_graphs: int = 8
 
     def __post_init__(self) -> None:
-        for name, low in (("max_batch", 1), ("max_seq_len", 2), ("pad_token_id", 0), ("warmup_iters", 1)):
+        for name, low in (("max_batch", 1), ("max_seq_len", 2), ("pad_token_id", 0), ("warmup_iters", 1),
+                          ("prefill_graphs", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"GenerateConfig.{name} must be an int >= {low}, got {value!r}")
@@ -309,7 +320,8 @@ class DecodeStats:
     graphs: bool = False  # whether steps replay CUDA graphs
     compiled: bool = False  # whether the cached step runs torch.compile's fused kernels
     kernels: bool = False  # whether a one-row cached step runs actors.decode_kernels
-    graphs_captured: int = 0
+    graphs_captured: int = 0  # the steps' (one per bucket and parity)
+    prefill_graphs_captured: int = 0
     capture_seconds: float = 0.0
     fallback_reason: str | None = None
     batches: int = 0
@@ -353,6 +365,7 @@ class Generator:
         self._model_step = (torch.compile(model.step, fullgraph=True, dynamic=False) if self.stats.compiled
                             else model.step)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._prefills: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # by (bucket, prompt length)
         self._views: dict[int, KVCacheView] = {}
         self._side: torch.cuda.Stream | None = None
         self._pool: Any = None
@@ -376,15 +389,19 @@ class Generator:
             self._finished = torch.zeros(rows, dtype=torch.bool, device=device)
             self._flags = torch.zeros(2, dtype=torch.bool, device=device)  # all finished, one slot per parity
             self._row_keys = torch.zeros(rows, dtype=torch.long, device=device)
+            self._row_index = torch.arange(rows, device=device)
+            self._batch = torch.zeros(2, dtype=torch.long, device=device)  # rows, batch id: the reset reads them here
             self._vocab_keys = torch.arange(shape.vocab_size, device=device) * 0x9E3779B & _M32
             self._host_prompts = torch.zeros(rows * length, dtype=torch.long, pin_memory=pinned)
             self._host_out = torch.zeros(rows * length, dtype=torch.long, pin_memory=pinned)
             self._host_flags = torch.zeros(2, dtype=torch.bool, pin_memory=pinned)
+            self._host_batch = torch.zeros(2, dtype=torch.long, pin_memory=pinned)
             self._one_row = None
             if self.stats.kernels:
                 from actors.decode_kernels import OneRowStep  # imports Triton: CUDA only
                 self._one_row = OneRowStep(model, length, pdl=torch.cuda.get_device_capability(device)[0] >= 9)
         self._host_flags_np = self._host_flags.numpy()
+        self._host_batch_np = self._host_batch.numpy()
         self._compute.synchronize()  # the buffers exist before any lane touches them
         self._step_done = (streams.create_event(), streams.create_event())
         self._flag_copied = (streams.create_event(), streams.create_event())
@@ -422,10 +439,10 @@ class Generator:
         started = time.perf_counter()
         with torch.inference_mode():
             try:
-                bucket = self._stage(prompts, cached=loop != "naive")
+                bucket = self._stage(prompts, batch_id, cached=loop != "naive")
                 run = {"naive": self._naive, "synced": self._synced, "interleaved": self._interleaved}[loop]
                 host_out = self._host_out[:bucket * max_new_tokens].view(bucket, max_new_tokens)
-                steps, launched, last = run(bucket, rows, prompt_len, max_new_tokens, batch_id)
+                steps, launched, last = run(bucket, prompt_len, max_new_tokens)
                 with self._streams.use(last):
                     host_out.copy_(self._out[:bucket, :max_new_tokens].contiguous(), non_blocking=True)
                     self._out_copied.record(last)
@@ -452,13 +469,12 @@ class Generator:
         prompts = self._check(prompts, max_new_tokens, -1)
         if max_new_tokens < 2:
             raise ValueError("device_step_seconds needs max_new_tokens >= 2: step 0 is the prefill")
-        rows, prompt_len = prompts.shape
+        prompt_len = prompts.shape[1]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.inference_mode(), self._streams.use(self._compute):
-            bucket = self._stage(prompts, cached=True)
+            bucket = self._stage(prompts, 0, cached=True)
             try:
-                self._reset(bucket, rows, prompt_len, max_new_tokens, 0)
-                self._prefill(bucket, prompt_len, 0)
+                self._start(bucket, prompt_len)
                 start.record(self._compute)
                 for _ in range(max_new_tokens - 1):
                     self._run_step(bucket, 0)
@@ -478,6 +494,7 @@ class Generator:
         if self._side is not None:
             self._side.synchronize()
         self._graphs.clear()
+        self._prefills.clear()
         self._views.clear()
         self._pool = self._side = None
         self._cache = self._seq = self._out = self._host_prompts = self._host_out = None
@@ -516,15 +533,20 @@ class Generator:
             self._drained.record(stream)
             self._drained.synchronize()
 
-    def _stage(self, prompts: np.ndarray, cached: bool) -> int:
-        """Capture the bucket's graphs if a cached loop needs them, copy the prompts into pinned memory; the bucket."""
+    def _stage(self, prompts: np.ndarray, batch_id: int, cached: bool) -> int:
+        """Capture the graphs a cached loop needs, copy the prompts and the batch into pinned memory; the bucket."""
         rows, prompt_len = prompts.shape
         bucket = bucket_for(rows, self.buckets)
-        if cached and self.stats.graphs and (bucket, 0) not in self._graphs:
-            self._capture(bucket)
+        if cached and self.stats.graphs:
+            if (bucket, 0) not in self._graphs:
+                self._capture(bucket)
+            if ((bucket, prompt_len) not in self._prefills and len(self._prefills) < self.config.prefill_graphs
+                    and bucket * prompt_len <= _PREFILL_GRAPH_TOKENS):
+                self._capture_prefill(bucket, prompt_len)
         staged = self._host_prompts[:bucket * prompt_len].view(bucket, prompt_len)
         staged.numpy()[:rows] = prompts  # the rows may be a read-only view of Ray's object store
         staged[rows:].zero_()
+        self._host_batch_np[:] = rows, batch_id
         return bucket
 
     # -- checks ---------------------------------------------------------------------------------
@@ -573,19 +595,24 @@ class Generator:
         s.seconds += seconds
 
     # -- the step (device work only: captured as a graph, or run eagerly) ----------------------
-    def _reset(self, bucket: int, rows: int, prompt_len: int, max_new_tokens: int, batch_id: int) -> None:
-        """Upload the staged prompts and reset the step state, on the current stream."""
+    def _reset(self, bucket: int, prompt_len: int) -> None:
+        """Upload the staged prompts and batch, reset the step state, on the current stream.
+
+        Device work only, the batch's rows and id read from the device: one CUDA
+        graph of it serves every batch of its bucket and prompt length.
+        """
         staged = self._host_prompts[:bucket * prompt_len]
         uploaded = self._prompt_dev[:bucket * prompt_len]
         uploaded.copy_(staged, non_blocking=True)
+        self._batch.copy_(self._host_batch, non_blocking=True)
+        rows, batch_id = self._batch[0], self._batch[1]
         self._seq[:bucket, :prompt_len].copy_(uploaded.view(bucket, prompt_len))
-        self._out[:bucket, :max_new_tokens].fill_(self.config.pad_token_id)
-        self._finished[:rows].fill_(False)
-        self._finished[rows:bucket].fill_(True)  # padding rows: never block the stop
+        self._out[:bucket].fill_(self.config.pad_token_id)
+        torch.ge(self._row_index[:bucket], rows, out=self._finished[:bucket])  # padding rows: never block the stop
         self._pos.fill_(prompt_len)
         self._step.zero_()
         if self.config.temperature > 0:
-            row_ids = torch.arange(bucket, device=self._row_keys.device) + batch_id * self.config.max_batch
+            row_ids = self._row_index[:bucket] + batch_id * self.config.max_batch
             self._row_keys[:bucket].copy_(_mix32((row_ids * 0x2545F49 + self.config.seed) & _M32))
 
     def _choose(self, logits: torch.Tensor, rows: int) -> torch.Tensor:
@@ -608,9 +635,18 @@ class Generator:
         self._tokens[:rows].copy_(token)
         self._step.add_(1)
 
-    def _prefill(self, rows: int, prompt_len: int, parity: int) -> None:
-        """Step 0 of the cached loops: the prompt's forward pass fills the cache (same kernels as naive step 0)."""
-        self._advance(self.model(self._seq[:rows, :prompt_len], self._view(rows)), rows, parity)
+    def _prefill(self, rows: int, prompt_len: int) -> None:
+        """The prompt's forward pass fills the cache (same kernels as naive step 0); its flag goes to parity 0."""
+        self._advance(self.model(self._seq[:rows, :prompt_len], self._view(rows)), rows, 0)
+
+    def _start(self, bucket: int, prompt_len: int) -> None:
+        """Step 0 of the cached loops: reset and prefill, replayed as their graph if the pair has one."""
+        graph = self._prefills.get((bucket, prompt_len))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._reset(bucket, prompt_len)
+            self._prefill(bucket, prompt_len)
 
     def _decode_step(self, rows: int, parity: int) -> None:
         """Steps 1.. of the cached loops; what a graph captures."""
@@ -637,10 +673,10 @@ class Generator:
         return view
 
     # -- the three loops: each returns (steps, launched, the stream that ran the last step) ----
-    def _naive(self, bucket: int, rows: int, prompt_len: int, n: int, batch_id: int) -> tuple[int, int, Any]:
+    def _naive(self, bucket: int, prompt_len: int, n: int) -> tuple[int, int, Any]:
         stream = self._compute
         with self._streams.use(stream):
-            self._reset(bucket, rows, prompt_len, n, batch_id)
+            self._reset(bucket, prompt_len)
             for t in range(n):
                 self._advance(self.model(self._seq[:bucket, :prompt_len + t]), bucket, 0)
                 if t + 1 < n:
@@ -649,21 +685,19 @@ class Generator:
                     self._seq[:bucket, prompt_len + t].copy_(self._tokens[:bucket])
         return n, n, stream
 
-    def _synced(self, bucket: int, rows: int, prompt_len: int, n: int, batch_id: int) -> tuple[int, int, Any]:
+    def _synced(self, bucket: int, prompt_len: int, n: int) -> tuple[int, int, Any]:
         stream = self._compute
         with self._streams.use(stream):
-            self._reset(bucket, rows, prompt_len, n, batch_id)
             for t in range(n):
                 if t == 0:
-                    self._prefill(bucket, prompt_len, 0)
+                    self._start(bucket, prompt_len)
                 else:
                     self._run_step(bucket, 0)
                 if t + 1 < n and self._flags[0].item():  # host sync: every step
                     return t + 1, t + 1, stream
         return n, n, stream
 
-    def _interleaved(self, bucket: int, rows: int, prompt_len: int, n: int,
-                     batch_id: int) -> tuple[int, int, Any]:
+    def _interleaved(self, bucket: int, prompt_len: int, n: int) -> tuple[int, int, Any]:
         streams, lanes = self._streams, self._lanes
         for t in range(n):
             p = t % 2
@@ -672,8 +706,7 @@ class Generator:
                 streams.wait_event(lane, self._step_done[1 - p])  # device-side: step t follows step t-1
             with streams.use(lane):
                 if t == 0:
-                    self._reset(bucket, rows, prompt_len, n, batch_id)
-                    self._prefill(bucket, prompt_len, p)
+                    self._start(bucket, prompt_len)
                 else:
                     self._run_step(bucket, p)
                 self._step_done[p].record(lane)
@@ -690,10 +723,7 @@ class Generator:
     def _capture(self, rows: int) -> None:
         """Warm up and capture the step at ``rows`` rows, one graph per parity. Host-blocking; clobbers the state."""
         started = time.perf_counter()
-        if self._side is None:
-            self._side = torch.cuda.Stream(self._streams.device)  # every warm-up and capture: keeps cuBLAS's workspace
-            self._pool = torch.cuda.graph_pool_handle()
-        side = self._side
+        side = self._side_stream()
         with torch.cuda.stream(side):
             for _ in range(self.config.warmup_iters):
                 self._pos.zero_()  # keep the warm-up's writes inside the cache and the output
@@ -709,3 +739,26 @@ class Generator:
         side.synchronize()  # the loops run on other streams: the warm-up's writes must be done
         self.stats.capture_seconds += time.perf_counter() - started
         log.info("decode: captured the step at %d rows in %.2f s", rows, time.perf_counter() - started)
+
+    def _capture_prefill(self, bucket: int, prompt_len: int) -> None:
+        """Warm up and capture step 0 at ``bucket`` rows of ``prompt_len`` tokens. Host-blocking; clobbers the state."""
+        started = time.perf_counter()
+        side = self._side_stream()
+        with torch.cuda.stream(side):
+            self._reset(bucket, prompt_len)
+            self._prefill(bucket, prompt_len)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                self._reset(bucket, prompt_len)
+                self._prefill(bucket, prompt_len)
+        side.synchronize()  # the staging that follows rewrites the pinned buffers the warm-up read
+        self._prefills[(bucket, prompt_len)] = graph
+        self.stats.prefill_graphs_captured += 1
+        self.stats.capture_seconds += time.perf_counter() - started
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        """The stream of every warm-up and capture (it keeps cuBLAS's workspace), and the graphs' memory pool."""
+        if self._side is None:
+            self._side = torch.cuda.Stream(self._streams.device)
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._side

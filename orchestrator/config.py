@@ -268,6 +268,9 @@ class DecodeConfig(_Strict):
                                              "(CUDA only; compiles once per batch-size bucket, needs a C compiler)")
     kernels: bool = Field(False, description="a one-row decode step runs hand-written Triton kernels "
                                              "(actors.decode_kernels; CUDA only): a batch of one prompt")
+    prefill_graphs: int = Field(8, ge=0, description="(batch-size bucket, prompt length) pairs whose step 0 "
+                                                     "(reset + prefill) replays as a CUDA graph, each captured "
+                                                     "at its first batch, up to 4,096 prompt tokens; 0: eager")
 
 
 class FaultConfig(_Strict):

@@ -236,6 +236,8 @@ def test_bad_settings_are_refused(tiny):
         GenerateConfig(max_batch=1, max_seq_len=1)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         GenerateConfig(max_batch=1, max_seq_len=8, temperature=-1.0)
+    with pytest.raises(ValueError, match="prefill_graphs must be an int >= 0"):
+        GenerateConfig(max_batch=1, max_seq_len=8, prefill_graphs=-1)
     with StreamManager(device="cpu") as streams:
         with pytest.raises(ValueError, match="eos_token_id=256 is outside the model's vocabulary"):
             Generator(tiny, streams, GenerateConfig(max_batch=1, max_seq_len=8, eos_token_id=256))
@@ -374,6 +376,33 @@ def test_kernels_give_the_tokens_of_the_eager_step_at_one_row_on_cuda(temperatur
         np.testing.assert_array_equal(interleaved.tokens, synced.tokens)
         assert (synced.tokens == eager[1]).mean() >= 0.95
         np.testing.assert_array_equal(gen.generate(x, N, "interleaved").tokens, eager[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_graphed_step_zero_gives_the_tokens_of_the_eager_one_on_cuda(temperature):
+    """Step 0's graph reads each batch's prompts, rows and id when it replays: one graph serves a bucket's every batch.
+
+    Batches of 3 and 4 rows (both bucket 4; at 3, a padding row), other prompts
+    of the same length, the same prompts under another batch id (the sampling
+    noise's key), and a second prompt length, past the one graph allowed.
+    """
+    model = _cuda_model(GPT2_SMALL)
+    a, b = (prompts(4, PROMPT, seed=seed, vocab=GPT2_SMALL.vocab_size) for seed in (1, 2))
+    shorter = prompts(3, PROMPT - 3, seed=3, vocab=GPT2_SMALL.vocab_size)
+    calls = [(a[:3], 5), (a, 6), (b[:3], 7), (shorter, 8), (a[:3], 9)]
+    tokens = {}
+    for graphs in (0, 1):
+        streams, gen = generator(model, "cuda", temperature=temperature, prefill_graphs=graphs)
+        with streams, gen:
+            tokens[graphs] = [gen.generate(x, N, loop, batch_id).tokens
+                              for x, batch_id in calls for loop in ("synced", "interleaved")]
+            assert gen.stats.prefill_graphs_captured == graphs and len(gen._prefills) == graphs
+    for eager, graphed in zip(tokens[0], tokens[1]):
+        np.testing.assert_array_equal(graphed, eager)
+    assert not np.array_equal(tokens[1][0], tokens[1][4])  # prompts b reached the graph
+    if temperature > 0:
+        assert not np.array_equal(tokens[1][0], tokens[1][8])  # so did batch id 9
 
 
 @pytest.mark.gpu
