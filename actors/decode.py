@@ -27,23 +27,26 @@ every loop, inside or outside a graph, and needs no RNG state.
 
 Each step's two graphs (one per parity) write their all-finished flag into
 their own device slot, so lane ``p``'s flag copy never races the other lane's
-next step. Both graphs share one memory pool: they never run at once, since
-each step waits on the previous one. A batch pads up to a bucket of
-``actors.graphs.buckets_for(max_batch)``; padded rows start finished. With
-``GenerateConfig(kernels=True)`` a one-row step is ``actors.decode_kernels``'
-Triton kernels (greedy: the token choice too) inside the same graphs. Step 0
-(the reset and the prefill) replays as a graph of its own per bucket and
-prompt length, for the first ``GenerateConfig.prefill_graphs`` such pairs of
-up to 4,096 prompt tokens; it reads the batch's rows and id from the device,
-so one graph serves every batch of its pair. On the CPU backend the same code runs eagerly: streams are program order and events
-complete when recorded (``actors.streams``).
+next step. Step 0 (the reset and the prefill) replays as a graph of its own
+per bucket and prompt length, for the first ``GenerateConfig.prefill_graphs``
+such pairs of up to 4,096 prompt tokens; it reads the batch's rows and id from
+the device, so one graph serves every batch of its pair. All graphs share one
+memory pool: they never run at once, since each step waits on the previous
+one. A batch pads up to a bucket of ``actors.graphs.buckets_for(max_batch)``;
+padded rows start finished. With ``GenerateConfig(kernels=True)`` a one-row
+step is ``actors.decode_kernels``' Triton kernels (greedy: the token choice
+too) inside the same graphs. On the CPU backend the same code runs eagerly:
+streams are program order and events complete when recorded (``actors.streams``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -635,18 +638,21 @@ class Generator:
         self._tokens[:rows].copy_(token)
         self._step.add_(1)
 
-    def _prefill(self, rows: int, prompt_len: int) -> None:
-        """The prompt's forward pass fills the cache (same kernels as naive step 0); its flag goes to parity 0."""
-        self._advance(self.model(self._seq[:rows, :prompt_len], self._view(rows)), rows, 0)
+    def _prefill(self, bucket: int, prompt_len: int) -> None:
+        """Step 0 of the cached loops, eagerly: the reset, then the prompt's forward pass.
+
+        The pass fills the cache (same kernels as naive step 0); its flag goes to parity 0.
+        """
+        self._reset(bucket, prompt_len)
+        self._advance(self.model(self._seq[:bucket, :prompt_len], self._view(bucket)), bucket, 0)
 
     def _start(self, bucket: int, prompt_len: int) -> None:
-        """Step 0 of the cached loops: reset and prefill, replayed as their graph if the pair has one."""
+        """Step 0 of the cached loops: the pair's graph of ``_prefill`` if it has one, else ``_prefill``."""
         graph = self._prefills.get((bucket, prompt_len))
-        if graph is not None:
-            graph.replay()
-        else:
-            self._reset(bucket, prompt_len)
+        if graph is None:
             self._prefill(bucket, prompt_len)
+        else:
+            graph.replay()
 
     def _decode_step(self, rows: int, parity: int) -> None:
         """Steps 1.. of the cached loops; what a graph captures."""
@@ -722,43 +728,44 @@ class Generator:
     # -- capture --------------------------------------------------------------------------------
     def _capture(self, rows: int) -> None:
         """Warm up and capture the step at ``rows`` rows, one graph per parity. Host-blocking; clobbers the state."""
-        started = time.perf_counter()
-        side = self._side_stream()
-        with torch.cuda.stream(side):
+        with self._capturing(f"the step at {rows} rows"):
             for _ in range(self.config.warmup_iters):
                 self._pos.zero_()  # keep the warm-up's writes inside the cache and the output
                 self._step.zero_()
                 for parity in (0, 1):
                     self._decode_step(rows, parity)
             for parity in (0, 1):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-                    self._decode_step(rows, parity)
-                self._graphs[(rows, parity)] = graph
+                self._graphs[(rows, parity)] = self._graph_of(functools.partial(self._decode_step, rows, parity))
                 self.stats.graphs_captured += 1
-        side.synchronize()  # the loops run on other streams: the warm-up's writes must be done
-        self.stats.capture_seconds += time.perf_counter() - started
-        log.info("decode: captured the step at %d rows in %.2f s", rows, time.perf_counter() - started)
 
     def _capture_prefill(self, bucket: int, prompt_len: int) -> None:
         """Warm up and capture step 0 at ``bucket`` rows of ``prompt_len`` tokens. Host-blocking; clobbers the state."""
-        started = time.perf_counter()
-        side = self._side_stream()
-        with torch.cuda.stream(side):
-            self._reset(bucket, prompt_len)
+        with self._capturing(f"step 0 at {bucket} rows of {prompt_len} tokens"):
             self._prefill(bucket, prompt_len)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-                self._reset(bucket, prompt_len)
-                self._prefill(bucket, prompt_len)
-        side.synchronize()  # the staging that follows rewrites the pinned buffers the warm-up read
-        self._prefills[(bucket, prompt_len)] = graph
-        self.stats.prefill_graphs_captured += 1
-        self.stats.capture_seconds += time.perf_counter() - started
+            self._prefills[(bucket, prompt_len)] = self._graph_of(functools.partial(self._prefill, bucket, prompt_len))
+            self.stats.prefill_graphs_captured += 1
 
-    def _side_stream(self) -> torch.cuda.Stream:
-        """The stream of every warm-up and capture (it keeps cuBLAS's workspace), and the graphs' memory pool."""
+    @contextlib.contextmanager
+    def _capturing(self, what: str) -> Iterator[None]:
+        """Warm-ups and captures on the side stream (it keeps cuBLAS's workspace); then waits for them and logs.
+
+        The wait matters: the loops run on other streams, and the staging that
+        follows rewrites the pinned buffers a warm-up read.
+        """
+        started = time.perf_counter()
         if self._side is None:
             self._side = torch.cuda.Stream(self._streams.device)
             self._pool = torch.cuda.graph_pool_handle()
-        return self._side
+        with torch.cuda.stream(self._side):
+            yield
+        self._side.synchronize()
+        seconds = time.perf_counter() - started
+        self.stats.capture_seconds += seconds
+        log.info("decode: captured %s in %.2f s", what, seconds)
+
+    def _graph_of(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """``work`` captured on the side stream into the shared pool (inside ``_capturing``, after a warm-up)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._side, capture_error_mode="thread_local"):
+            work()
+        return graph
