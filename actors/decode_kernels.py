@@ -54,16 +54,6 @@ def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, D: tl.constexpr, BLO
 
 
 @triton.jit
-def _layer_norm(x, mask, n: tl.constexpr, w_ptr, b_ptr, offs, eps):
-    """LayerNorm of the ``n`` features of ``x`` where ``mask`` (float32; 0 elsewhere)."""
-    mean = tl.sum(x) / n
-    centred = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred) / n + eps)
-    return centred * rstd * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) + \
-        tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _merged_attention(part_m_ptr, part_l_ptr, part_acc_ptr, rk, k_mask,
                       HD: tl.constexpr, CHUNKS: tl.constexpr):
     """Features ``rk`` of the attention output: each head's chunk partials merged (softmax over all chunks)."""
@@ -82,10 +72,10 @@ def _merged_attention(part_m_ptr, part_l_ptr, part_acc_ptr, rk, k_mask,
 
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr,
-                part_l_ptr, part_acc_ptr, best_ptr, best_index_ptr, next_ptr, next_bias_ptr, eps, N,
+                part_l_ptr, part_acc_ptr, best_ptr, best_index_ptr, eps, N,
                 K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
                 LN: tl.constexpr, ATTENTION: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr,
-                RESIDUAL: tl.constexpr, QKV: tl.constexpr, ARGMAX: tl.constexpr, NEXT: tl.constexpr,
+                RESIDUAL: tl.constexpr, QKV: tl.constexpr, ARGMAX: tl.constexpr,
                 D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr):
     """out[n] (+)= act(sum_k input[k] * w[n, k] + b[n]) for this program's BLOCK_N features.
 
@@ -94,7 +84,6 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
     (the query), [D, 2D) and [2D, 3D) to the key and value caches
     (heads, L, HD) at position ``pos``. ARGMAX: also this program's largest
     output and its feature (the first, on ties), for ``greedy_advance_kernel``.
-    NEXT: also y + next_bias to ``next_ptr``, where ``mlp_kernel`` then adds its sums.
     """
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -107,7 +96,11 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
     else:
         x = tl.load(x_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
     if LN:
-        x = _layer_norm(x, k_mask, K, ln_w_ptr, ln_b_ptr, rk, eps)
+        mean = tl.sum(x) / K
+        centred = tl.where(k_mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred) / K + eps)
+        x = centred * rstd * tl.load(ln_w_ptr + rk, mask=k_mask, other=0.0).to(tl.float32) + \
+            tl.load(ln_b_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
     y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if BIAS:
         y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -124,8 +117,6 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
         tl.store(v_ptr + cached, y, mask=n_mask & (which == 2))
     else:
         tl.store(out_ptr + rn, y, mask=n_mask)
-    if NEXT:
-        tl.store(next_ptr + rn, y + tl.load(next_bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32), mask=n_mask)
     if ARGMAX:
         best, where = tl.max(tl.where(n_mask, y, float("-inf")), axis=0, return_indices=True,
                              return_indices_tie_break_left=True)
@@ -159,28 +150,6 @@ def attention_kernel(q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, 
 
 
 @triton.jit
-def mlp_kernel(x_ptr, out_ptr, ln_w_ptr, ln_b_ptr, w1_ptr, b1_ptr, w2_ptr, eps, H,
-               D: tl.constexpr, D_POW2: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-    """out += w2[:, hidden] @ gelu(w1[hidden] @ LN(x) + b1[hidden]) for this program's BLOCK_H hidden features.
-
-    The MLP in one kernel, split over its hidden features: each program adds
-    its share of the second product to ``out`` atomically, so ``out`` must
-    already hold the residual plus the second bias (``gemv_kernel``'s NEXT).
-    """
-    rh = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = rh < H
-    rd = tl.arange(0, D_POW2)
-    d_mask = rd < D
-    w1 = tl.load(w1_ptr + rh[:, None] * D + rd[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-    w2 = tl.load(w2_ptr + rd[:, None] * H + rh[None, :], mask=d_mask[:, None] & h_mask[None, :], other=0.0)
-    b1 = tl.load(b1_ptr + rh, mask=h_mask, other=0.0).to(tl.float32)
-    _await_previous_kernel(PDL)
-    x = _layer_norm(tl.load(x_ptr + rd, mask=d_mask, other=0.0), d_mask, D, ln_w_ptr, ln_b_ptr, rd, eps)
-    h = tl.where(h_mask, _gelu_tanh(tl.sum(w1.to(tl.float32) * x[None, :], axis=1) + b1), 0.0)
-    tl.atomic_add(out_ptr + rd, tl.sum(w2.to(tl.float32) * h[None, :], axis=1), mask=d_mask, sem="relaxed")
-
-
-@triton.jit
 def greedy_advance_kernel(best_ptr, best_index_ptr, tokens_ptr, pos_ptr, finished_ptr, out_ptr, step_ptr, flag_ptr,
                           pad, eos, PARTS: tl.constexpr, BLOCK: tl.constexpr, EOS: tl.constexpr, PDL: tl.constexpr):
     """The token choice of ``Generator._advance`` for one row at temperature 0, and the position's advance.
@@ -207,11 +176,21 @@ def greedy_advance_kernel(best_ptr, best_index_ptr, tokens_ptr, pos_ptr, finishe
     tl.store(pos_ptr, tl.load(pos_ptr) + 1)
 
 
-# (block_n, num_warps) per product, (block_l, num_warps) for the attention: the fastest of a sweep for
-# GPT-2 small in float32 on an H100, each kernel timed in a CUDA graph over weights that miss L2
-# (docs/results/decode_kernel_probe). Any shape runs with them; other shapes may have faster ones.
-CONFIGS = {"qkv": (2, 2), "proj": (4, 4), "fc": (4, 2), "proj2": (2, 8), "head": (16, 4), "attention": (16, 2),
-           "mlp": (8, 4)}
+# (block_n, num_warps) per product, (block_l, num_warps) for the attention, by the weights' dtype: for
+# GPT-2 small on an H100, the fastest of a coordinate descent that timed the whole step, graphed, per
+# candidate (docs/results/decode_tuning_probe; timing each kernel alone chose slower steps). Any shape
+# runs with them; other shapes may have faster ones.
+CONFIGS = {
+    torch.float32: {"qkv": (4, 1), "proj": (8, 4), "fc": (8, 2), "proj2": (2, 8), "head": (16, 4),
+                    "attention": (16, 2)},
+    torch.bfloat16: {"qkv": (4, 1), "proj": (16, 4), "fc": (8, 1), "proj2": (4, 8), "head": (16, 4),
+                     "attention": (64, 2)},
+}
+
+
+def configs_for(dtype: torch.dtype) -> dict:
+    """``CONFIGS`` for weights of ``dtype``: two-byte types (float16 too) take bfloat16's, the others float32's."""
+    return CONFIGS[torch.bfloat16 if dtype.itemsize == 2 else torch.float32]
 
 
 class OneRowStep:
@@ -222,10 +201,11 @@ class OneRowStep:
     temperature 0, with no other kernels. Owns the step's activation buffers, so
     a CUDA graph of it keeps its addresses. ``pdl``: programmatic dependent
     launch (sm90 and later), so each kernel reads its weights while the one
-    before it finishes.
+    before it finishes. ``configs`` overrides entries of ``configs_for`` the
+    weights' dtype.
     """
 
-    def __init__(self, model, length: int, pdl: bool, configs: dict | None = None, fused_mlp: bool = False) -> None:
+    def __init__(self, model, length: int, pdl: bool, configs: dict | None = None) -> None:
         shape = model.shape
         head_size = shape.d_model // shape.n_head
         if head_size & (head_size - 1):
@@ -233,15 +213,13 @@ class OneRowStep:
                              f"{shape.d_model} / {shape.n_head} = {head_size}")
         self.model = model
         self.pdl = pdl
-        self.fused_mlp = fused_mlp
-        self.configs = {**CONFIGS, **(configs or {})}
+        self.configs = {**configs_for(model.wte.weight.dtype), **(configs or {})}
         self.d, self.hd, self.length = shape.d_model, head_size, length
         self.chunks = triton.cdiv(length, self.configs["attention"][0])
         self.parts = triton.cdiv(shape.vocab_size, self.configs["head"][0])
         device = model.wte.weight.device
         f32 = dict(dtype=torch.float32, device=device)
         self.x = torch.empty(self.d, **f32)
-        self.x_next = torch.empty(self.d, **f32)  # fused_mlp: the next layer's residual, built by atomic adds
         self.q = torch.empty(self.d, **f32)
         self.part_m = torch.empty(shape.n_head, self.chunks, **f32)
         self.part_l = torch.empty(shape.n_head, self.chunks, **f32)
@@ -273,45 +251,30 @@ class OneRowStep:
         block_l, warps = self.configs["attention"]
         embed_kernel[(1,)](tokens, pos, m.wte.weight, m.wpe.weight, self.x, D=self.d,
                            BLOCK_D=triton.next_power_of_2(self.d), PDL=self.pdl, launch_pdl=self.pdl)
-        x, x_next = self.x, self.x_next
         for block, (keys, values) in zip(m.blocks, cache.layers):
-            self._gemv("qkv", x, block.attn.qkv, self.q, ln=block.ln_1, cache=(keys, values), pos=pos)
+            self._gemv("qkv", self.x, block.attn.qkv, self.q, ln=block.ln_1, cache=(keys, values), pos=pos)
             attention_kernel[(block.attn.n_head, self.chunks)](
                 self.q, keys, values, self.part_m, self.part_l, self.part_acc, pos, block.attn.scale,
                 L=self.length, HD=self.hd, BLOCK_L=block_l, CHUNKS=self.chunks, PDL=self.pdl, num_warps=warps,
                 launch_pdl=self.pdl)
-            fc, proj2 = block.mlp[0], block.mlp[2]
-            if self.fused_mlp:
-                self._gemv("proj", self.part_m, block.attn.proj, x, residual=True, attention=True,
-                           next=(x_next, proj2.bias))
-                block_h, mlp_warps = self.configs["mlp"]
-                hidden = fc.weight.shape[0]
-                mlp_kernel[(triton.cdiv(hidden, block_h),)](
-                    x, x_next, block.ln_2.weight, block.ln_2.bias, fc.weight, fc.bias, proj2.weight,
-                    block.ln_2.eps, hidden, D=self.d, D_POW2=triton.next_power_of_2(self.d), BLOCK_H=block_h,
-                    PDL=self.pdl, num_warps=mlp_warps, launch_pdl=self.pdl)
-                x, x_next = x_next, x
-            else:
-                self._gemv("proj", self.part_m, block.attn.proj, x, residual=True, attention=True)
-                self._gemv("fc", x, fc, self.h, ln=block.ln_2, gelu=True)
-                self._gemv("proj2", self.h, proj2, x, residual=True)
-        self._gemv("head", x, m.lm_head, self.vocab_logits, ln=m.ln_f, argmax=argmax)
+            self._gemv("proj", self.part_m, block.attn.proj, self.x, residual=True, attention=True)
+            self._gemv("fc", self.x, block.mlp[0], self.h, ln=block.ln_2, gelu=True)
+            self._gemv("proj2", self.h, block.mlp[2], self.x, residual=True)
+        self._gemv("head", self.x, m.lm_head, self.vocab_logits, ln=m.ln_f, argmax=argmax)
 
     def _gemv(self, name, x, linear, out, ln=None, gelu=False, residual=False, cache=None, pos=None,
-              attention=False, argmax=False, next=None) -> None:
+              attention=False, argmax=False) -> None:
         block_n, warps = self.configs[name]
         n, k = linear.weight.shape
         bias = linear.bias
         keys, values = cache if cache is not None else (out, out)
-        next_out, next_bias = next if next is not None else (out, out)
         # A pointer the flags leave unread gets any tensor.
         gemv_kernel[(triton.cdiv(n, block_n),)](
             x, linear.weight, bias if bias is not None else linear.weight, out,
             ln.weight if ln is not None else x, ln.bias if ln is not None else x, keys, values,
-            pos if pos is not None else x, self.part_l, self.part_acc, self.best, self.best_index, next_out, next_bias,
+            pos if pos is not None else x, self.part_l, self.part_acc, self.best, self.best_index,
             ln.eps if ln is not None else 0.0, n,
             K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, LN=ln is not None, ATTENTION=attention,
             BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, QKV=cache is not None, ARGMAX=argmax,
-            NEXT=next is not None,
             D=self.d, HD=self.hd, L=self.length, CHUNKS=self.chunks, PDL=self.pdl, num_warps=warps,
             launch_pdl=self.pdl)

@@ -1,6 +1,8 @@
 """The decoder and the three decode loops: the interleaved loop runs its logic on the CPU backend; CUDA marked gpu."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -302,6 +304,37 @@ def test_synced_and_interleaved_agree_in_bfloat16_on_cuda():
     streams, gen = generator(_cuda_model(GPT2_SMALL, torch.bfloat16), "cuda", temperature=0.7)
     with streams, gen:
         np.testing.assert_array_equal(gen.generate(x, N, "interleaved").tokens, gen.generate(x, N, "synced").tokens)
+
+
+@pytest.mark.gpu
+def test_bfloat16_kernels_give_the_float32_steps_logits_on_cuda():
+    """The one-row kernels at bfloat16's tiles, compiled: GPT-2 small against the float32 step on the same weights.
+
+    The kernels sum in float32 but read a bfloat16 cache; through them, synced
+    and interleaved give the same tokens.
+    """
+    from actors.decode_kernels import OneRowStep, configs_for
+    model = _cuda_model(GPT2_SMALL, torch.bfloat16)
+    reference = copy.deepcopy(model).float()
+    x = torch.as_tensor(prompts(1, seed=5, vocab=GPT2_SMALL.vocab_size), device="cuda")
+    length = PROMPT + N
+    want_cache, got_cache = (KVCache(GPT2_SMALL, 1, length, dtype, torch.device("cuda"))
+                             for dtype in (torch.float32, torch.bfloat16))
+    step = OneRowStep(model, length, pdl=torch.cuda.get_device_capability()[0] >= 9)
+    assert step.configs == configs_for(torch.bfloat16)
+    with torch.inference_mode():
+        reference(x, want_cache.view(1))
+        model(x, got_cache.view(1))
+        token, pos = x[:, -1], torch.tensor([PROMPT], device="cuda")
+        for _ in range(N):
+            want = reference.step(token, pos, want_cache.view(1))
+            torch.testing.assert_close(step.logits(token, pos, got_cache.view(1)), want, rtol=0.01, atol=0.01)
+            token, pos = want.argmax(-1), pos + 1
+    streams, gen = generator(model, "cuda", kernels=True)
+    with streams, gen:
+        assert gen.stats.kernels
+        synced = gen.generate(x.cpu().numpy(), N, "synced")
+        np.testing.assert_array_equal(gen.generate(x.cpu().numpy(), N, "interleaved").tokens, synced.tokens)
 
 
 @pytest.mark.gpu

@@ -53,6 +53,29 @@ LOGITS = PRELUDE + textwrap.dedent("""
     print("ok")
 """)
 
+# The product's tiles for weights of DTYPE against Decoder.step in float32 on the same (rounded) weights.
+PRODUCT_TILES = PRELUDE + textwrap.dedent("""
+    import copy
+    from actors.decode_kernels import configs_for
+
+    DTYPE, TOL = getattr(torch, "DTYPE_NAME"), TOL_VALUE
+    weights = copy.deepcopy(model).to(DTYPE)
+    reference = copy.deepcopy(weights).float()
+    want_cache = KVCache(SHAPE, 1, LENGTH, torch.float32, torch.device("cpu"))
+    got_cache = KVCache(SHAPE, 1, LENGTH, DTYPE, torch.device("cpu"))
+    step = OneRowStep(weights, LENGTH, pdl=False)
+    assert step.configs == configs_for(DTYPE)
+    with torch.inference_mode():
+        reference(prompt, want_cache.view(1))
+        weights(prompt, got_cache.view(1))
+        token, pos = prompt[:, -1], torch.tensor([PROMPT])
+        for _ in range(LENGTH - PROMPT):
+            want = reference.step(token, pos, want_cache.view(1))
+            torch.testing.assert_close(step.logits(token, pos, got_cache.view(1)), want, rtol=TOL, atol=TOL)
+            token, pos = want.argmax(-1), pos + 1
+    print("ok")
+""")
+
 GREEDY = PRELUDE + textwrap.dedent("""
     def reference(eos):
         '''Generator._decode_step at temperature 0 for one row: tokens from the eager step.'''
@@ -119,6 +142,16 @@ def test_a_head_size_the_kernels_cannot_tile_is_refused():
 def test_kernels_give_the_eager_steps_logits_and_cache():
     """Logits and KV cache of the kernels' step match ``Decoder.step``, step after step up to the cache's end."""
     interpret(LOGITS)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-3)])
+def test_the_products_tiles_give_the_float32_steps_logits(dtype, tol):
+    """``configs_for`` each dtype's tiles (one attention chunk here at bfloat16's 64 positions), from its weights.
+
+    bfloat16: the reference is the float32 step on the same rounded weights;
+    the kernels sum in float32 too, but the prefill's cache is bfloat16.
+    """
+    interpret(PRODUCT_TILES.replace("DTYPE_NAME", dtype).replace("TOL_VALUE", repr(tol)))
 
 
 def test_greedy_step_chooses_writes_and_stops_as_the_generator_does():
