@@ -33,9 +33,9 @@ such pairs of up to 4,096 prompt tokens; it reads the batch's rows and id from
 the device, so one graph serves every batch of its pair. All graphs share one
 memory pool: they never run at once, since each step waits on the previous
 one. A batch pads up to a bucket of ``actors.graphs.buckets_for(max_batch)``;
-padded rows start finished. With ``GenerateConfig(kernels=True)`` a one-row
-step is ``actors.decode_kernels``' Triton kernels (greedy: the token choice
-too) inside the same graphs. On the CPU backend the same code runs eagerly:
+padded rows start finished. With ``GenerateConfig(kernels=True)`` the step of
+a bucket of up to ``actors.decode_kernels.MAX_ROWS`` rows is that module's
+Triton kernels (greedy: the token choice too) inside the same graphs. On the CPU backend the same code runs eagerly:
 streams are program order and events complete when recorded (``actors.streams``).
 """
 from __future__ import annotations
@@ -287,7 +287,7 @@ class GenerateConfig:
     seed: int = 0
     graphs: bool = True  # replay each step as a CUDA graph (always eager on the CPU backend)
     compile: bool = False  # fuse the cached step's kernels with torch.compile before its capture (CUDA only)
-    kernels: bool = False  # a one-row step runs actors.decode_kernels' Triton kernels (CUDA only)
+    kernels: bool = False  # buckets of up to 8 rows step with actors.decode_kernels' Triton kernels (CUDA only)
     warmup_iters: int = 2  # eager steps per parity before a bucket's capture
     # (bucket, prompt length) pairs whose reset + prefill replay as a CUDA graph, each captured at its first
     # batch; later pairs run eagerly. 0: every prefill eager.
@@ -322,7 +322,7 @@ class DecodeStats:
 
     graphs: bool = False  # whether steps replay CUDA graphs
     compiled: bool = False  # whether the cached step runs torch.compile's fused kernels
-    kernels: bool = False  # whether a one-row cached step runs actors.decode_kernels
+    kernels: bool = False  # whether cached steps of up to 8 rows run actors.decode_kernels
     graphs_captured: int = 0  # the steps' (one per bucket and parity)
     prefill_graphs_captured: int = 0
     capture_seconds: float = 0.0
@@ -399,10 +399,11 @@ class Generator:
             self._host_out = torch.zeros(rows * length, dtype=torch.long, pin_memory=pinned)
             self._host_flags = torch.zeros(2, dtype=torch.bool, pin_memory=pinned)
             self._host_batch = torch.zeros(2, dtype=torch.long, pin_memory=pinned)
-            self._one_row = None
+            self._kernel_step, self._kernel_rows = None, 0  # the kernels' step runs buckets of up to these rows
             if self.stats.kernels:
-                from actors.decode_kernels import OneRowStep  # imports Triton: CUDA only
-                self._one_row = OneRowStep(model, length, pdl=torch.cuda.get_device_capability(device)[0] >= 9)
+                from actors.decode_kernels import MAX_ROWS, KernelStep  # imports Triton: CUDA only
+                self._kernel_step = KernelStep(model, length, pdl=torch.cuda.get_device_capability(device)[0] >= 9)
+                self._kernel_rows = MAX_ROWS
         self._host_flags_np = self._host_flags.numpy()
         self._host_batch_np = self._host_batch.numpy()
         self._compute.synchronize()  # the buffers exist before any lane touches them
@@ -656,12 +657,13 @@ class Generator:
 
     def _decode_step(self, rows: int, parity: int) -> None:
         """Steps 1.. of the cached loops; what a graph captures."""
-        one_row = self._one_row if rows == 1 else None
-        if one_row is not None and self.config.temperature == 0:
-            one_row.greedy(self._tokens[:1], self._pos, self._view(1), self._finished[:1], self._out[0], self._step,
-                           self._flags[parity:parity + 1], self.config.pad_token_id, self.config.eos_token_id)
+        kernels = self._kernel_step if rows <= self._kernel_rows else None
+        if kernels is not None and self.config.temperature == 0:
+            kernels.greedy(self._tokens[:rows], self._pos, self._view(rows), self._finished[:rows], self._out[:rows],
+                           self._step, self._flags[parity:parity + 1], self.config.pad_token_id,
+                           self.config.eos_token_id)
             return
-        step = one_row.logits if one_row is not None else self._model_step
+        step = kernels.logits if kernels is not None else self._model_step
         logits = step(self._tokens[:rows], self._pos, self._view(rows))
         self._pos.add_(1)
         self._advance(logits, rows, parity)

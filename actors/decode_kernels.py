@@ -1,4 +1,4 @@
-"""Triton kernels for the decoder's one-row cached step: four GEMVs and a split attention a layer.
+"""Triton kernels for the decoder's cached step at up to ``MAX_ROWS`` rows: four GEMVs and a split attention a layer.
 
 Per layer: layer norm + qkv product (its keys and values written straight into
 the cache at ``pos``); attention over the cache up to ``pos``, split into
@@ -7,11 +7,12 @@ written out; output projection, whose input is those partials merged, +
 residual; layer norm + first MLP product + GELU; second MLP product +
 residual. Then the final layer norm and the output head.
 
-Each product is a GEMV: a program owns ``BLOCK_N`` output features and loads
-their weight rows whole, before anything else, so the weight's read is in
+Each product is a GEMV per row: a program owns ``BLOCK_N`` output features and
+loads their weight rows whole, before anything else, so the weight's read is in
 flight while the program builds its input (a layer norm of the 768-wide
 residual, or the merged attention), which every program recomputes: cheaper
-than a kernel of its own. No atomics: every output is summed in one fixed
+than a kernel of its own. It then does so for each row in turn, so the weight
+is read once a step whatever the rows. All rows share the position ``pos``. No atomics: every output is summed in one fixed
 order, so a step gives the same bits every time it runs.
 """
 from __future__ import annotations
@@ -44,13 +45,14 @@ def _await_previous_kernel(PDL: tl.constexpr):
 def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                  PDL: tl.constexpr):
     _await_previous_kernel(PDL)
+    row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
-    tok = tl.load(tok_ptr)
+    tok = tl.load(tok_ptr + row)
     pos = tl.load(pos_ptr)
     x = tl.load(wte_ptr + tok * D + offs, mask=mask).to(tl.float32) + \
         tl.load(wpe_ptr + pos * D + offs, mask=mask).to(tl.float32)
-    tl.store(x_ptr + offs, x, mask=mask)
+    tl.store(x_ptr + row * D + offs, x, mask=mask)
 
 
 @triton.jit
@@ -76,25 +78,44 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
                 K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
                 LN: tl.constexpr, ATTENTION: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr,
                 RESIDUAL: tl.constexpr, QKV: tl.constexpr, ARGMAX: tl.constexpr,
-                D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr):
-    """out[n] (+)= act(sum_k input[k] * w[n, k] + b[n]) for this program's BLOCK_N features.
+                D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, CHUNKS: tl.constexpr, ROWS: tl.constexpr,
+                PDL: tl.constexpr):
+    """out[r, n] (+)= act(sum_k input[r, k] * w[n, k] + b[n]) for this program's BLOCK_N features, rows r < ROWS.
 
     input: x, LN(x), or (ATTENTION) the attention merged from its partials
     (``x_ptr`` holds the chunk maxima). QKV: features [0, D) go to ``out``
     (the query), [D, 2D) and [2D, 3D) to the key and value caches
-    (heads, L, HD) at position ``pos``. ARGMAX: also this program's largest
-    output and its feature (the first, on ties), for ``greedy_advance_kernel``.
+    (rows, heads, L, HD) at position ``pos``. ARGMAX: also this program's
+    largest output of each row and its feature (the first, on ties), for
+    ``greedy_advance_kernel``. Rows are contiguous in every buffer.
     """
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rk = tl.arange(0, K_POW2)
     k_mask = rk < K
     w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    b = 0.0
+    if BIAS:
+        b = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     _await_previous_kernel(PDL)
+    for row in tl.static_range(ROWS):
+        _gemv_row(x_ptr, w, b, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr, part_l_ptr, part_acc_ptr, best_ptr,
+                  best_index_ptr, eps, N, rn, n_mask, rk, k_mask, row, K, LN, ATTENTION, BIAS, GELU, RESIDUAL, QKV,
+                  ARGMAX, D, HD, L, CHUNKS, BLOCK_N)
+
+
+@triton.jit
+def _gemv_row(x_ptr, w, b, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr, part_l_ptr, part_acc_ptr, best_ptr,
+              best_index_ptr, eps, N, rn, n_mask, rk, k_mask, row, K: tl.constexpr, LN: tl.constexpr,
+              ATTENTION: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+              QKV: tl.constexpr, ARGMAX: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr,
+              CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``gemv_kernel``'s work for one row, with the program's weight tile ``w`` (and bias ``b``) in hand."""
     if ATTENTION:
-        x = _merged_attention(x_ptr, part_l_ptr, part_acc_ptr, rk, k_mask, HD, CHUNKS)
+        parts = row * (D // HD) * CHUNKS
+        x = _merged_attention(x_ptr + parts, part_l_ptr + parts, part_acc_ptr + parts * HD, rk, k_mask, HD, CHUNKS)
     else:
-        x = tl.load(x_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * K + rk, mask=k_mask, other=0.0).to(tl.float32)
     if LN:
         mean = tl.sum(x) / K
         centred = tl.where(k_mask, x - mean, 0.0)
@@ -103,47 +124,50 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
             tl.load(ln_b_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
     y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if BIAS:
-        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        y += b
     if GELU:
         y = _gelu_tanh(y)
-    if RESIDUAL:
-        y += tl.load(out_ptr + rn, mask=n_mask, other=0.0)
     if QKV:
         which = rn // D
         col = rn % D
-        cached = (col // HD) * (L * HD) + tl.load(pos_ptr) * HD + col % HD
-        tl.store(out_ptr + col, y, mask=n_mask & (which == 0))
+        cached = row * (D * L) + (col // HD) * (L * HD) + tl.load(pos_ptr) * HD + col % HD
+        tl.store(out_ptr + row * D + col, y, mask=n_mask & (which == 0))
         tl.store(k_ptr + cached, y, mask=n_mask & (which == 1))
         tl.store(v_ptr + cached, y, mask=n_mask & (which == 2))
     else:
-        tl.store(out_ptr + rn, y, mask=n_mask)
+        if RESIDUAL:
+            y += tl.load(out_ptr + row * N + rn, mask=n_mask, other=0.0)
+        tl.store(out_ptr + row * N + rn, y, mask=n_mask)
     if ARGMAX:
         best, where = tl.max(tl.where(n_mask, y, float("-inf")), axis=0, return_indices=True,
                              return_indices_tie_break_left=True)
-        tl.store(best_ptr + tl.program_id(0), best)
-        tl.store(best_index_ptr + tl.program_id(0), tl.program_id(0) * BLOCK_N + where)
+        part = row * tl.num_programs(0) + tl.program_id(0)
+        tl.store(best_ptr + part, best)
+        tl.store(best_index_ptr + part, tl.program_id(0) * BLOCK_N + where)
 
 
 @triton.jit
 def attention_kernel(q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, pos_ptr, scale,
                      L: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
                      PDL: tl.constexpr):
-    """One head's chunk of positions up to ``pos``: its score maximum, sum of exp and exp-weighted values."""
+    """One head's chunk of positions up to ``pos`` in one row: its score maximum, sum of exp and exp-weighted values."""
     _await_previous_kernel(PDL)
     head = tl.program_id(0)
     chunk = tl.program_id(1)
+    row = tl.program_id(2)
+    heads = tl.num_programs(0)
     pos = tl.load(pos_ptr)
     rl = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
     d = tl.arange(0, HD)
     valid = rl <= pos
-    offs = head * L * HD + rl[:, None] * HD + d[None, :]
+    offs = (row * heads + head) * L * HD + rl[:, None] * HD + d[None, :]
     k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-    q = tl.load(q_ptr + head * HD + d) * scale
+    q = tl.load(q_ptr + (row * heads + head) * HD + d) * scale
     s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
     m = tl.max(s)  # -inf for a chunk past pos: its weight in the merge is exp(-inf) = 0
     p = tl.where(valid, tl.exp(s - m), 0.0)
-    part = head * CHUNKS + chunk
+    part = (row * heads + head) * CHUNKS + chunk
     tl.store(part_m_ptr + part, m)
     tl.store(part_l_ptr + part, tl.sum(p))
     tl.store(part_acc_ptr + part * HD + d, tl.sum(p[:, None] * v, axis=0))
@@ -151,27 +175,34 @@ def attention_kernel(q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, 
 
 @triton.jit
 def greedy_advance_kernel(best_ptr, best_index_ptr, tokens_ptr, pos_ptr, finished_ptr, out_ptr, step_ptr, flag_ptr,
-                          pad, eos, PARTS: tl.constexpr, BLOCK: tl.constexpr, EOS: tl.constexpr, PDL: tl.constexpr):
-    """The token choice of ``Generator._advance`` for one row at temperature 0, and the position's advance.
+                          pad, eos, out_stride, PARTS: tl.constexpr, BLOCK: tl.constexpr, EOS: tl.constexpr,
+                          ROWS: tl.constexpr, PDL: tl.constexpr):
+    """The token choice of ``Generator._advance`` at temperature 0 for ROWS rows, and the position's advance.
 
-    The token is the first largest logit (the head's per-program maxima
-    merged), or the pad once the row has finished; it is written to the output
-    column ``step`` and fed to the next step; ``finished`` takes in EOS and the
-    flag copies it; ``step`` and ``pos`` go up by one.
+    A row's token is its first largest logit (the head's per-program maxima
+    merged), or the pad once the row has finished; it is written to the row's
+    output column ``step`` and fed to the next step; ``finished`` takes in
+    EOS, the flag is whether every row has finished; ``step`` and ``pos`` go
+    up by one.
     """
     _await_previous_kernel(PDL)
     offs = tl.arange(0, BLOCK)
-    best = tl.load(best_ptr + offs, mask=offs < PARTS, other=float("-inf"))
-    _, where = tl.max(best, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    finished = tl.load(finished_ptr) != 0
-    token = tl.where(finished, pad, tl.load(best_index_ptr + where))
     step = tl.load(step_ptr)
-    tl.store(out_ptr + step, token)
-    if EOS:
-        finished = finished | (token == eos)
-        tl.store(finished_ptr, finished)
-    tl.store(flag_ptr, finished)
-    tl.store(tokens_ptr, token)
+    for row in tl.static_range(ROWS):
+        best = tl.load(best_ptr + row * PARTS + offs, mask=offs < PARTS, other=float("-inf"))
+        _, where = tl.max(best, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        finished = tl.load(finished_ptr + row) != 0
+        token = tl.where(finished, pad, tl.load(best_index_ptr + row * PARTS + where))
+        tl.store(out_ptr + row * out_stride + step, token)
+        if EOS:
+            finished = finished | (token == eos)
+            tl.store(finished_ptr + row, finished)
+        tl.store(tokens_ptr + row, token)
+        if row == 0:
+            done = finished
+        else:
+            done = done & finished
+    tl.store(flag_ptr, done)
     tl.store(step_ptr, step + 1)
     tl.store(pos_ptr, tl.load(pos_ptr) + 1)
 
@@ -193,16 +224,21 @@ def configs_for(dtype: torch.dtype) -> dict:
     return CONFIGS[torch.bfloat16 if dtype.itemsize == 2 else torch.float32]
 
 
-class OneRowStep:
-    """The decode step of a ``Decoder`` for one row, as the kernels above (CUDA; Triton).
+# The most rows a step runs as these kernels: each program loops over the rows one by one, so past a few
+# the step's latency grows with them and the model's batched products win.
+MAX_ROWS = 8
 
-    ``logits`` is ``Decoder.step`` for one row (float32 logits);
-    ``greedy`` is that, the position's advance and ``Generator._advance`` at
-    temperature 0, with no other kernels. Owns the step's activation buffers, so
-    a CUDA graph of it keeps its addresses. ``pdl``: programmatic dependent
-    launch (sm90 and later), so each kernel reads its weights while the one
-    before it finishes. ``configs`` overrides entries of ``configs_for`` the
-    weights' dtype.
+
+class KernelStep:
+    """The decode step of a ``Decoder`` for up to ``MAX_ROWS`` rows, as the kernels above (CUDA; Triton).
+
+    ``logits`` is ``Decoder.step`` (float32 logits); ``greedy`` is that, the
+    position's advance and ``Generator._advance`` at temperature 0, with no
+    other kernels. The rows are those of ``tokens``; each row count compiles
+    its own kernels. Owns the step's activation buffers, so a CUDA graph of it
+    keeps its addresses. ``pdl``: programmatic dependent launch (sm90 and
+    later), so each kernel reads its weights while the one before it finishes.
+    ``configs`` overrides entries of ``configs_for`` the weights' dtype.
     """
 
     def __init__(self, model, length: int, pdl: bool, configs: dict | None = None) -> None:
@@ -218,51 +254,60 @@ class OneRowStep:
         self.chunks = triton.cdiv(length, self.configs["attention"][0])
         self.parts = triton.cdiv(shape.vocab_size, self.configs["head"][0])
         device = model.wte.weight.device
-        f32 = dict(dtype=torch.float32, device=device)
-        self.x = torch.empty(self.d, **f32)
-        self.q = torch.empty(self.d, **f32)
-        self.part_m = torch.empty(shape.n_head, self.chunks, **f32)
-        self.part_l = torch.empty(shape.n_head, self.chunks, **f32)
-        self.part_acc = torch.empty(shape.n_head, self.chunks, self.hd, **f32)
-        self.h = torch.empty(4 * self.d, **f32)
-        self.vocab_logits = torch.empty(1, shape.vocab_size, **f32)
-        self.best = torch.empty(self.parts, **f32)
-        self.best_index = torch.empty(self.parts, dtype=torch.long, device=device)
+        f32 = {"dtype": torch.float32, "device": device}
+        rows, heads = MAX_ROWS, shape.n_head
+        self.x = torch.empty(rows, self.d, **f32)
+        self.q = torch.empty(rows, self.d, **f32)
+        self.part_m = torch.empty(rows, heads, self.chunks, **f32)
+        self.part_l = torch.empty(rows, heads, self.chunks, **f32)
+        self.part_acc = torch.empty(rows, heads, self.chunks, self.hd, **f32)
+        self.h = torch.empty(rows, 4 * self.d, **f32)
+        self.vocab_logits = torch.empty(rows, shape.vocab_size, **f32)
+        self.best = torch.empty(rows, self.parts, **f32)
+        self.best_index = torch.empty(rows, self.parts, dtype=torch.long, device=device)
 
     def logits(self, tokens, pos, cache):
-        """``Decoder.step(tokens, pos, cache)`` for one row: the logits ``(1, vocab)``, float32."""
-        self._layers(tokens, pos, cache, argmax=False)
-        return self.vocab_logits
+        """``Decoder.step(tokens, pos, cache)``: the logits ``(rows, vocab)``, float32 (a view of a buffer)."""
+        rows = self._layers(tokens, pos, cache, argmax=False)
+        return self.vocab_logits[:rows]
 
     def greedy(self, tokens, pos, cache, finished, out, step, flag, pad: int, eos: int | None) -> None:
-        """One greedy step of one row, in place: feeds ``tokens`` at ``pos``, then as ``Generator._advance``.
+        """One greedy step, in place: feeds ``tokens`` at ``pos``, then as ``Generator._advance``.
 
-        ``out`` is the row's output tokens, ``step`` the column this step writes,
-        ``flag`` the all-finished flag (one element each).
+        ``out`` is the rows' output tokens ``(rows, columns)``, ``step`` the
+        column this step writes, ``flag`` whether every row has finished (one
+        element each).
         """
-        self._layers(tokens, pos, cache, argmax=True)
+        rows = self._layers(tokens, pos, cache, argmax=True)
         greedy_advance_kernel[(1,)](
             self.best, self.best_index, tokens, pos, finished, out, step, flag, pad, -1 if eos is None else eos,
-            PARTS=self.parts, BLOCK=triton.next_power_of_2(self.parts), EOS=eos is not None, PDL=self.pdl,
-            num_warps=4, launch_pdl=self.pdl)
+            out.stride(0), PARTS=self.parts, BLOCK=triton.next_power_of_2(self.parts), EOS=eos is not None,
+            ROWS=rows, PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
 
-    def _layers(self, tokens, pos, cache, argmax: bool) -> None:
+    def _layers(self, tokens, pos, cache, argmax: bool) -> int:
+        """The kernels up to the head's logits (and their per-program maxima); returns the rows."""
+        rows = tokens.shape[0]
+        if not 1 <= rows <= MAX_ROWS:
+            raise ValueError(f"the decode kernels run 1 to {MAX_ROWS} rows, got {rows}")
+        if not tokens.is_contiguous():
+            raise ValueError("the decode kernels index the rows of tokens: pass a contiguous tensor")
         m = self.model
         block_l, warps = self.configs["attention"]
-        embed_kernel[(1,)](tokens, pos, m.wte.weight, m.wpe.weight, self.x, D=self.d,
-                           BLOCK_D=triton.next_power_of_2(self.d), PDL=self.pdl, launch_pdl=self.pdl)
+        embed_kernel[(rows,)](tokens, pos, m.wte.weight, m.wpe.weight, self.x, D=self.d,
+                              BLOCK_D=triton.next_power_of_2(self.d), PDL=self.pdl, launch_pdl=self.pdl)
         for block, (keys, values) in zip(m.blocks, cache.layers):
-            self._gemv("qkv", self.x, block.attn.qkv, self.q, ln=block.ln_1, cache=(keys, values), pos=pos)
-            attention_kernel[(block.attn.n_head, self.chunks)](
+            self._gemv("qkv", rows, self.x, block.attn.qkv, self.q, ln=block.ln_1, cache=(keys, values), pos=pos)
+            attention_kernel[(block.attn.n_head, self.chunks, rows)](
                 self.q, keys, values, self.part_m, self.part_l, self.part_acc, pos, block.attn.scale,
                 L=self.length, HD=self.hd, BLOCK_L=block_l, CHUNKS=self.chunks, PDL=self.pdl, num_warps=warps,
                 launch_pdl=self.pdl)
-            self._gemv("proj", self.part_m, block.attn.proj, self.x, residual=True, attention=True)
-            self._gemv("fc", self.x, block.mlp[0], self.h, ln=block.ln_2, gelu=True)
-            self._gemv("proj2", self.h, block.mlp[2], self.x, residual=True)
-        self._gemv("head", self.x, m.lm_head, self.vocab_logits, ln=m.ln_f, argmax=argmax)
+            self._gemv("proj", rows, self.part_m, block.attn.proj, self.x, residual=True, attention=True)
+            self._gemv("fc", rows, self.x, block.mlp[0], self.h, ln=block.ln_2, gelu=True)
+            self._gemv("proj2", rows, self.h, block.mlp[2], self.x, residual=True)
+        self._gemv("head", rows, self.x, m.lm_head, self.vocab_logits, ln=m.ln_f, argmax=argmax)
+        return rows
 
-    def _gemv(self, name, x, linear, out, ln=None, gelu=False, residual=False, cache=None, pos=None,
+    def _gemv(self, name, rows, x, linear, out, ln=None, gelu=False, residual=False, cache=None, pos=None,
               attention=False, argmax=False) -> None:
         block_n, warps = self.configs[name]
         n, k = linear.weight.shape
@@ -276,5 +321,5 @@ class OneRowStep:
             ln.eps if ln is not None else 0.0, n,
             K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, LN=ln is not None, ATTENTION=attention,
             BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, QKV=cache is not None, ARGMAX=argmax,
-            D=self.d, HD=self.hd, L=self.length, CHUNKS=self.chunks, PDL=self.pdl, num_warps=warps,
+            D=self.d, HD=self.hd, L=self.length, CHUNKS=self.chunks, ROWS=rows, PDL=self.pdl, num_warps=warps,
             launch_pdl=self.pdl)

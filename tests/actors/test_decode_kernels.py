@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 PRELUDE = textwrap.dedent("""
     import torch
     from actors.decode import Decoder, DecoderShape, KVCache
-    from actors.decode_kernels import OneRowStep, greedy_advance_kernel
+    from actors.decode_kernels import KernelStep, greedy_advance_kernel
 
     torch.manual_seed(0)
     # Head size 32, vocabulary and cache length not multiples of the kernels' blocks.
@@ -32,19 +32,20 @@ PRELUDE = textwrap.dedent("""
         for p in model.parameters():
             if p.dim() == 1:  # biases and layer norms away from their zero and one defaults
                 p.add_(0.1 * torch.randn_like(p))
-    prompt = torch.randint(0, SHAPE.vocab_size, (1, PROMPT))
+    ROWS = ROWS_VALUE
+    prompt = torch.randint(0, SHAPE.vocab_size, (ROWS, PROMPT))
 """)
 
 LOGITS = PRELUDE + textwrap.dedent("""
-    want_cache, got_cache = (KVCache(SHAPE, 1, LENGTH, torch.float32, torch.device("cpu")) for _ in range(2))
-    step = OneRowStep(model, LENGTH, pdl=False, configs=CONFIGS)
+    want_cache, got_cache = (KVCache(SHAPE, ROWS, LENGTH, torch.float32, torch.device("cpu")) for _ in range(2))
+    step = KernelStep(model, LENGTH, pdl=False, configs=CONFIGS)
     with torch.inference_mode():
         for cache in (want_cache, got_cache):
-            model(prompt, cache.view(1))
-        token, pos = prompt[:, -1], torch.tensor([PROMPT])
+            model(prompt, cache.view(ROWS))
+        token, pos = prompt[:, -1].contiguous(), torch.tensor([PROMPT])
         for _ in range(LENGTH - PROMPT):
-            want = model.step(token, pos, want_cache.view(1))
-            got = step.logits(token, pos, got_cache.view(1))
+            want = model.step(token, pos, want_cache.view(ROWS))
+            got = step.logits(token, pos, got_cache.view(ROWS))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             assert want.std() > 0.1
             token, pos = want.argmax(-1), pos + 1
@@ -61,27 +62,27 @@ PRODUCT_TILES = PRELUDE + textwrap.dedent("""
     DTYPE, TOL = getattr(torch, "DTYPE_NAME"), TOL_VALUE
     weights = copy.deepcopy(model).to(DTYPE)
     reference = copy.deepcopy(weights).float()
-    want_cache = KVCache(SHAPE, 1, LENGTH, torch.float32, torch.device("cpu"))
-    got_cache = KVCache(SHAPE, 1, LENGTH, DTYPE, torch.device("cpu"))
-    step = OneRowStep(weights, LENGTH, pdl=False)
+    want_cache = KVCache(SHAPE, ROWS, LENGTH, torch.float32, torch.device("cpu"))
+    got_cache = KVCache(SHAPE, ROWS, LENGTH, DTYPE, torch.device("cpu"))
+    step = KernelStep(weights, LENGTH, pdl=False)
     assert step.configs == configs_for(DTYPE)
     with torch.inference_mode():
-        reference(prompt, want_cache.view(1))
-        weights(prompt, got_cache.view(1))
-        token, pos = prompt[:, -1], torch.tensor([PROMPT])
+        reference(prompt, want_cache.view(ROWS))
+        weights(prompt, got_cache.view(ROWS))
+        token, pos = prompt[:, -1].contiguous(), torch.tensor([PROMPT])
         for _ in range(LENGTH - PROMPT):
-            want = reference.step(token, pos, want_cache.view(1))
-            torch.testing.assert_close(step.logits(token, pos, got_cache.view(1)), want, rtol=TOL, atol=TOL)
+            want = reference.step(token, pos, want_cache.view(ROWS))
+            torch.testing.assert_close(step.logits(token, pos, got_cache.view(ROWS)), want, rtol=TOL, atol=TOL)
             token, pos = want.argmax(-1), pos + 1
     print("ok")
 """)
 
 GREEDY = PRELUDE + textwrap.dedent("""
-    def reference(eos):
+    def reference(row, eos):
         '''Generator._decode_step at temperature 0 for one row: tokens from the eager step.'''
         cache = KVCache(SHAPE, 1, LENGTH, torch.float32, torch.device("cpu"))
-        model(prompt, cache.view(1))
-        token, pos, finished, out = prompt[:, -1], PROMPT, False, []
+        model(prompt[row:row + 1], cache.view(1))
+        token, pos, finished, out = prompt[row:row + 1, -1], PROMPT, False, []
         for _ in range(LENGTH - PROMPT):
             choice = 0 if finished else int(model.step(token, torch.tensor([pos]), cache.view(1)).argmax(-1))
             out.append(choice)
@@ -91,25 +92,31 @@ GREEDY = PRELUDE + textwrap.dedent("""
 
     steps = LENGTH - PROMPT
     with torch.inference_mode():
-        free = reference(None)
+        model.wte.weight.mul_(50)  # the tokens, not the randomised biases, steer each row's choices
+        free = reference(0, None)
         hit = next(i for i in range(1, steps) if free[i] not in free[:i])  # EOS at a step after the first
         eos = free[hit]
-        want = reference(eos)
-        assert want[:hit + 1] == free[:hit + 1] and want[hit + 1:] == [0] * (steps - hit - 1) != free[hit + 1:]
-        step = OneRowStep(model, LENGTH, pdl=False, configs=CONFIGS)
-        cache = KVCache(SHAPE, 1, LENGTH, torch.float32, torch.device("cpu"))
-        model(prompt, cache.view(1))
+        # Row 0 stops at EOS; the other rows are live ones or, as the generator's padding rows, start finished.
+        live = [True] + [LIVE] * (ROWS - 1)
+        want = [reference(row, eos) if live[row] else [0] * steps for row in range(ROWS)]
+        assert want[0][:hit + 1] == free[:hit + 1] and want[0][hit + 1:] == [0] * (steps - hit - 1) != free[hit + 1:]
+        want_flags = [all(not live[row] or eos in want[row][:t + 1] for row in range(ROWS)) for t in range(steps)]
+        step = KernelStep(model, LENGTH, pdl=False, configs=CONFIGS)
+        cache = KVCache(SHAPE, ROWS, LENGTH, torch.float32, torch.device("cpu"))
+        model(prompt, cache.view(ROWS))
         tokens, pos = prompt[:, -1].clone(), torch.tensor([PROMPT])
-        finished, flag = torch.zeros(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)
-        out, column = torch.full((LENGTH,), -1), torch.zeros(1, dtype=torch.long)
+        finished, flag = torch.tensor([not row_live for row_live in live]), torch.zeros(1, dtype=torch.bool)
+        out, column = torch.full((ROWS + 1, LENGTH), -1), torch.zeros(1, dtype=torch.long)
         flags = []
         for _ in range(steps):
-            step.greedy(tokens, pos, cache.view(1), finished, out, column, flag, 0, eos)
+            step.greedy(tokens, pos, cache.view(ROWS), finished, out[:ROWS], column, flag, 0, eos)
             flags.append(bool(flag))
-    assert out[:steps].tolist() == want, (out[:steps].tolist(), want)
-    assert (out[steps:] == -1).all()  # nothing written past the last column
-    assert flags == [False] * hit + [True] * (steps - hit)
-    assert bool(finished) and int(column) == steps and int(pos) == LENGTH and int(tokens) == 0
+    assert out[:ROWS, :steps].tolist() == want, (out[:ROWS, :steps].tolist(), want)
+    assert (out[:, steps:] == -1).all() and (out[ROWS] == -1).all()  # nothing written past the rows' columns
+    assert flags == want_flags, (flags, want_flags)
+    assert flags[hit] == (not LIVE or ROWS == 1) and not any(flags[:hit]), (flags, hit, want)
+    assert finished.tolist() == [not row_live or eos in row for row_live, row in zip(live, want)]
+    assert int(column) == steps and int(pos) == LENGTH and tokens.tolist() == [row[-1] for row in want]
 
     # The head's partial maxima: a tie between two programs goes to the first one's index.
     best = torch.tensor([0.5, 2.0, 1.0, 2.0])
@@ -117,8 +124,8 @@ GREEDY = PRELUDE + textwrap.dedent("""
     for already, expected in ((False, 17), (True, 5)):
         tokens, pos, finished = torch.tensor([1]), torch.tensor([4]), torch.tensor([already])
         out, column, flag = torch.zeros(6, dtype=torch.long), torch.tensor([2]), torch.zeros(1, dtype=torch.bool)
-        greedy_advance_kernel[(1,)](best, index, tokens, pos, finished, out, column, flag, 5, 17,
-                                    PARTS=4, BLOCK=4, EOS=True, PDL=False)
+        greedy_advance_kernel[(1,)](best, index, tokens, pos, finished, out, column, flag, 5, 17, 6,
+                                    PARTS=4, BLOCK=4, EOS=True, ROWS=1, PDL=False)
         assert out.tolist() == [0, 0, expected, 0, 0, 0] and int(tokens) == expected
         assert bool(finished) and bool(flag) and int(column) == 3 and int(pos) == 5
     print("ok")
@@ -134,14 +141,19 @@ def interpret(script: str) -> None:
 
 def test_a_head_size_the_kernels_cannot_tile_is_refused():
     from actors.decode import Decoder, DecoderShape
-    from actors.decode_kernels import OneRowStep
+    from actors.decode_kernels import KernelStep
     with pytest.raises(ValueError, match="power-of-two head size.*96 / 4 = 24"):
-        OneRowStep(Decoder(DecoderShape(vocab_size=50, n_positions=16, d_model=96, n_layer=1, n_head=4)), 16, pdl=False)
+        KernelStep(Decoder(DecoderShape(vocab_size=50, n_positions=16, d_model=96, n_layer=1, n_head=4)), 16, pdl=False)
 
 
-def test_kernels_give_the_eager_steps_logits_and_cache():
+def rows(script: str, n: int, live: bool = True) -> str:
+    return script.replace("ROWS_VALUE", str(n)).replace("LIVE", str(live))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_kernels_give_the_eager_steps_logits_and_cache(n):
     """Logits and KV cache of the kernels' step match ``Decoder.step``, step after step up to the cache's end."""
-    interpret(LOGITS)
+    interpret(rows(LOGITS, n))
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-3)])
@@ -151,9 +163,14 @@ def test_the_products_tiles_give_the_float32_steps_logits(dtype, tol):
     bfloat16: the reference is the float32 step on the same rounded weights;
     the kernels sum in float32 too, but the prefill's cache is bfloat16.
     """
-    interpret(PRODUCT_TILES.replace("DTYPE_NAME", dtype).replace("TOL_VALUE", repr(tol)))
+    interpret(rows(PRODUCT_TILES, 2).replace("DTYPE_NAME", dtype).replace("TOL_VALUE", repr(tol)))
 
 
-def test_greedy_step_chooses_writes_and_stops_as_the_generator_does():
-    """Greedy token, output column, EOS, the finished flag, pads after it; ties go to the first index."""
-    interpret(GREEDY)
+@pytest.mark.parametrize("n, live", [(1, True), (3, True), (3, False)], ids=["one_row", "three_rows", "padded"])
+def test_greedy_step_chooses_writes_and_stops_as_the_generator_does(n, live):
+    """Greedy tokens, output columns, EOS, the all-finished flag, pads after it; ties go to the first index.
+
+    ``padded``: rows after the first start finished, as a bucket's padding rows
+    do, so the flag follows the first row alone.
+    """
+    interpret(rows(GREEDY, n, live))
