@@ -287,7 +287,7 @@ class GenerateConfig:
     seed: int = 0
     graphs: bool = True  # replay each step as a CUDA graph (always eager on the CPU backend)
     compile: bool = False  # fuse the cached step's kernels with torch.compile before its capture (CUDA only)
-    kernels: bool = False  # buckets of up to 8 rows step with actors.decode_kernels' Triton kernels (CUDA only)
+    kernels: bool = False  # buckets of up to 4 rows step with actors.decode_kernels' Triton kernels (CUDA only)
     warmup_iters: int = 2  # eager steps per parity before a bucket's capture
     # (bucket, prompt length) pairs whose reset + prefill replay as a CUDA graph, each captured at its first
     # batch; later pairs run eagerly. 0: every prefill eager.
@@ -322,7 +322,7 @@ class DecodeStats:
 
     graphs: bool = False  # whether steps replay CUDA graphs
     compiled: bool = False  # whether the cached step runs torch.compile's fused kernels
-    kernels: bool = False  # whether cached steps of up to 8 rows run actors.decode_kernels
+    kernels: bool = False  # whether cached steps of up to 4 rows run actors.decode_kernels
     graphs_captured: int = 0  # the steps' (one per bucket and parity)
     prefill_graphs_captured: int = 0
     capture_seconds: float = 0.0

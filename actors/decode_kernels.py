@@ -224,9 +224,11 @@ def configs_for(dtype: torch.dtype) -> dict:
     return CONFIGS[torch.bfloat16 if dtype.itemsize == 2 else torch.float32]
 
 
-# The most rows a step runs as these kernels: each program loops over the rows one by one, so past a few
-# the step's latency grows with them and the model's batched products win.
-MAX_ROWS = 8
+# The most rows a step runs as these kernels: each program loops over the rows one by one, so the step
+# grows with them and the model's batched products win past a few. GPT-2 small fp32 on an H100, device
+# us a step, these kernels against the compiled step: 2 rows 340 vs 810, 4 rows 635 vs 788, 8 rows
+# 1,378 vs 1,077 (docs/results/decode_kernel_rows.json).
+MAX_ROWS = 4
 
 
 class KernelStep:

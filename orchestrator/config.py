@@ -266,7 +266,7 @@ class DecodeConfig(_Strict):
     graphs: bool = Field(True, description="replay each decode step as a CUDA graph (off on the CPU backend)")
     compile: bool = Field(False, description="fuse the decode step's kernels with torch.compile before its capture "
                                              "(CUDA only; compiles once per batch-size bucket, needs a C compiler)")
-    kernels: bool = Field(False, description="decode steps of batch-size buckets up to 8 run hand-written "
+    kernels: bool = Field(False, description="decode steps of batch-size buckets up to 4 run hand-written "
                                              "Triton kernels (actors.decode_kernels; CUDA only)")
     prefill_graphs: int = Field(8, ge=0, description="(batch-size bucket, prompt length) pairs whose step 0 "
                                                      "(reset + prefill) replays as a CUDA graph, each captured "

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", action="store_true",
                         help="fuse the cached step's kernels with torch.compile inside its CUDA graph")
     parser.add_argument("--kernels", action="store_true",
-                        help="up to 8 rows, the cached step as actors.decode_kernels' Triton kernels (graphs too)")
+                        help="up to 4 rows, the cached step as actors.decode_kernels' Triton kernels (graphs too)")
     parser.add_argument("--naive-max-batch", type=int, default=None,
                         help="skip the naive loop above this batch size (its time grows with new_tokens^2)")
     parser.add_argument("--quick", action="store_true",

@@ -391,8 +391,8 @@ def test_compiled_step_gives_the_tokens_of_the_eager_step_on_cuda(rows):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_kernels_give_the_tokens_of_the_eager_step_up_to_eight_rows_on_cuda(temperature):
-    """Buckets of up to 8 rows run actors.decode_kernels (greedy: the token choice too); bigger ones, the model's step.
+def test_kernels_give_the_tokens_of_the_eager_step_up_to_four_rows_on_cuda(temperature):
+    """Buckets of up to 4 rows run actors.decode_kernels (greedy: the token choice too); bigger ones, the model's step.
 
     1 row, and 3 rows in a bucket of 4 (a padding row); 9 rows make a bucket of
     16. The kernels sum in another order than the eager step's cuBLAS calls,
