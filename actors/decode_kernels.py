@@ -11,9 +11,10 @@ Each product is a GEMV per row: a program owns ``BLOCK_N`` output features and
 loads their weight rows whole, before anything else, so the weight's read is in
 flight while the program builds its input (a layer norm of the 768-wide
 residual, or the merged attention), which every program recomputes: cheaper
-than a kernel of its own. It then does so for each row in turn, so the weight
-is read once a step whatever the rows. All rows share the position ``pos``. No atomics: every output is summed in one fixed
-order, so a step gives the same bits every time it runs.
+than a kernel of its own. It does so for each row in turn, so the weight is
+read once a step whatever the rows; all rows share the position ``pos``. No
+atomics: every output is summed in one fixed order, so a step gives the same
+bits every time it runs.
 """
 from __future__ import annotations
 
