@@ -35,8 +35,9 @@ memory pool: they never run at once, since each step waits on the previous
 one. A batch pads up to a bucket of ``actors.graphs.buckets_for(max_batch)``;
 padded rows start finished. With ``GenerateConfig(kernels=True)`` the step of
 a bucket of up to ``actors.decode_kernels.MAX_ROWS`` rows is that module's
-Triton kernels (greedy: the token choice too) inside the same graphs. On the CPU backend the same code runs eagerly:
-streams are program order and events complete when recorded (``actors.streams``).
+Triton kernels (greedy: the token choice too) inside the same graphs. On the
+CPU backend the same code runs eagerly: streams are program order and events
+complete when recorded (``actors.streams``).
 """
 from __future__ import annotations
 
