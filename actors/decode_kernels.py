@@ -95,56 +95,43 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
     rk = tl.arange(0, K_POW2)
     k_mask = rk < K
     w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-    b = 0.0
+    b = 0.0  # no bias: adding 0 changes nothing
     if BIAS:
         b = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     _await_previous_kernel(PDL)
-    for row in tl.static_range(ROWS):
-        _gemv_row(x_ptr, w, b, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr, part_l_ptr, part_acc_ptr, best_ptr,
-                  best_index_ptr, eps, N, rn, n_mask, rk, k_mask, row, K, LN, ATTENTION, BIAS, GELU, RESIDUAL, QKV,
-                  ARGMAX, D, HD, L, CHUNKS, BLOCK_N)
-
-
-@triton.jit
-def _gemv_row(x_ptr, w, b, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr, part_l_ptr, part_acc_ptr, best_ptr,
-              best_index_ptr, eps, N, rn, n_mask, rk, k_mask, row, K: tl.constexpr, LN: tl.constexpr,
-              ATTENTION: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-              QKV: tl.constexpr, ARGMAX: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr,
-              CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``gemv_kernel``'s work for one row, with the program's weight tile ``w`` (and bias ``b``) in hand."""
-    if ATTENTION:
-        parts = row * (D // HD) * CHUNKS
-        x = _merged_attention(x_ptr + parts, part_l_ptr + parts, part_acc_ptr + parts * HD, rk, k_mask, HD, CHUNKS)
-    else:
-        x = tl.load(x_ptr + row * K + rk, mask=k_mask, other=0.0).to(tl.float32)
-    if LN:
-        mean = tl.sum(x) / K
-        centred = tl.where(k_mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred) / K + eps)
-        x = centred * rstd * tl.load(ln_w_ptr + rk, mask=k_mask, other=0.0).to(tl.float32) + \
-            tl.load(ln_b_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
-    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    if BIAS:
-        y += b
-    if GELU:
-        y = _gelu_tanh(y)
-    if QKV:
-        which = rn // D
-        col = rn % D
-        cached = row * (D * L) + (col // HD) * (L * HD) + tl.load(pos_ptr) * HD + col % HD
-        tl.store(out_ptr + row * D + col, y, mask=n_mask & (which == 0))
-        tl.store(k_ptr + cached, y, mask=n_mask & (which == 1))
-        tl.store(v_ptr + cached, y, mask=n_mask & (which == 2))
-    else:
-        if RESIDUAL:
-            y += tl.load(out_ptr + row * N + rn, mask=n_mask, other=0.0)
-        tl.store(out_ptr + row * N + rn, y, mask=n_mask)
-    if ARGMAX:
-        best, where = tl.max(tl.where(n_mask, y, float("-inf")), axis=0, return_indices=True,
-                             return_indices_tie_break_left=True)
-        part = row * tl.num_programs(0) + tl.program_id(0)
-        tl.store(best_ptr + part, best)
-        tl.store(best_index_ptr + part, tl.program_id(0) * BLOCK_N + where)
+    for row in tl.static_range(ROWS):  # the weight tile stays in hand from row to row
+        if ATTENTION:
+            parts = row * (D // HD) * CHUNKS
+            x = _merged_attention(x_ptr + parts, part_l_ptr + parts, part_acc_ptr + parts * HD, rk, k_mask, HD,
+                                  CHUNKS)
+        else:
+            x = tl.load(x_ptr + row * K + rk, mask=k_mask, other=0.0).to(tl.float32)
+        if LN:
+            mean = tl.sum(x) / K
+            centred = tl.where(k_mask, x - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(centred * centred) / K + eps)
+            x = centred * rstd * tl.load(ln_w_ptr + rk, mask=k_mask, other=0.0).to(tl.float32) + \
+                tl.load(ln_b_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) + b
+        if GELU:
+            y = _gelu_tanh(y)
+        if QKV:
+            which = rn // D
+            col = rn % D
+            cached = row * (D * L) + (col // HD) * (L * HD) + tl.load(pos_ptr) * HD + col % HD
+            tl.store(out_ptr + row * D + col, y, mask=n_mask & (which == 0))
+            tl.store(k_ptr + cached, y, mask=n_mask & (which == 1))
+            tl.store(v_ptr + cached, y, mask=n_mask & (which == 2))
+        else:
+            if RESIDUAL:
+                y += tl.load(out_ptr + row * N + rn, mask=n_mask, other=0.0)
+            tl.store(out_ptr + row * N + rn, y, mask=n_mask)
+        if ARGMAX:
+            best, where = tl.max(tl.where(n_mask, y, float("-inf")), axis=0, return_indices=True,
+                                 return_indices_tie_break_left=True)
+            part = row * tl.num_programs(0) + tl.program_id(0)
+            tl.store(best_ptr + part, best)
+            tl.store(best_index_ptr + part, tl.program_id(0) * BLOCK_N + where)
 
 
 @triton.jit
