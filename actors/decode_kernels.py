@@ -43,24 +43,6 @@ def _await_previous_kernel(PDL: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_to_l2(ptr, nbytes, SPLIT: tl.constexpr):
-    """Start this program's share of the ``nbytes`` at ``ptr`` (a later kernel's weight) on its way into L2.
-
-    ``cp.async.bulk.prefetch.L2`` (sm90): the copy engine fetches without
-    holding registers or waiting, so DRAM streams the weights of kernels that
-    cannot yet be resident. Each of ``SPLIT`` lanes asks for one piece.
-    """
-    share = tl.cdiv(tl.cdiv(nbytes, tl.num_programs(0)), 16 * SPLIT) * 16 * SPLIT
-    piece = share // SPLIT
-    start = tl.program_id(0).to(tl.int64) * share + tl.arange(0, SPLIT).to(tl.int64) * piece
-    size = tl.minimum(tl.maximum(nbytes - start, 0), piece).to(tl.int32)
-    address = ptr.to(tl.pointer_type(tl.int8)) + start
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [address, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                  PDL: tl.constexpr):
     _await_previous_kernel(PDL)
@@ -93,12 +75,12 @@ def _merged_attention(part_m_ptr, part_l_ptr, part_acc_ptr, rk, k_mask,
 
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr,
-                part_l_ptr, part_acc_ptr, best_ptr, best_index_ptr, prefetch_ptr, prefetch_bytes, eps, N,
+                part_l_ptr, part_acc_ptr, best_ptr, best_index_ptr, eps, N,
                 K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
                 LN: tl.constexpr, ATTENTION: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr,
                 RESIDUAL: tl.constexpr, QKV: tl.constexpr, ARGMAX: tl.constexpr,
                 D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, CHUNKS: tl.constexpr, ROWS: tl.constexpr,
-                PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                PDL: tl.constexpr):
     """out[r, n] (+)= act(sum_k input[r, k] * w[n, k] + b[n]) for this program's BLOCK_N features, rows r < ROWS.
 
     input: x, LN(x), or (ATTENTION) the attention merged from its partials
@@ -116,8 +98,6 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
     b = 0.0  # no bias: adding 0 changes nothing
     if BIAS:
         b = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    if PREFETCH:
-        _prefetch_to_l2(prefetch_ptr, prefetch_bytes, 32)
     _await_previous_kernel(PDL)
     for row in tl.static_range(ROWS):  # the weight tile stays in hand from row to row
         if ATTENTION:
@@ -251,8 +231,7 @@ class KernelStep:
     ``configs`` overrides entries of ``configs_for`` the weights' dtype.
     """
 
-    def __init__(self, model, length: int, pdl: bool, configs: dict | None = None, prefetch_ahead: int = 0,
-                 prefetch_cap: int = 16 << 20) -> None:
+    def __init__(self, model, length: int, pdl: bool, configs: dict | None = None) -> None:
         shape = model.shape
         head_size = shape.d_model // shape.n_head
         if head_size & (head_size - 1):
@@ -260,10 +239,6 @@ class KernelStep:
                              f"{shape.d_model} / {shape.n_head} = {head_size}")
         self.model = model
         self.pdl = pdl
-        self.prefetch_ahead, self.prefetch_cap = prefetch_ahead, prefetch_cap
-        self.weights = [linear.weight for block in model.blocks
-                        for linear in (block.attn.qkv, block.attn.proj, block.mlp[0], block.mlp[2])]
-        self.weights.append(model.lm_head.weight)
         self.configs = {**configs_for(model.wte.weight.dtype), **(configs or {})}
         self.d, self.hd, self.length = shape.d_model, head_size, length
         self.chunks = triton.cdiv(length, self.configs["attention"][0])
@@ -310,7 +285,6 @@ class KernelStep:
         block_l, warps = self.configs["attention"]
         embed_kernel[(rows,)](tokens, pos, m.wte.weight, m.wpe.weight, self.x, D=self.d,
                               BLOCK_D=triton.next_power_of_2(self.d), PDL=self.pdl, launch_pdl=self.pdl)
-        self._gemvs = 0
         for block, (keys, values) in zip(m.blocks, cache.layers):
             self._gemv("qkv", rows, self.x, block.attn.qkv, self.q, ln=block.ln_1, cache=(keys, values), pos=pos)
             attention_kernel[(block.attn.n_head, self.chunks, rows)](
@@ -327,10 +301,6 @@ class KernelStep:
               attention=False, argmax=False) -> None:
         block_n, warps = self.configs[name]
         n, k = linear.weight.shape
-        ahead = self._gemvs + self.prefetch_ahead
-        self._gemvs += 1
-        target = self.weights[ahead] if self.prefetch_ahead and ahead < len(self.weights) else None
-        prefetch_bytes = 0 if target is None else min(target.numel() * target.element_size(), self.prefetch_cap)
         bias = linear.bias
         keys, values = cache if cache is not None else (out, out)
         # A pointer the flags leave unread gets any tensor.
@@ -338,8 +308,8 @@ class KernelStep:
             x, linear.weight, bias if bias is not None else linear.weight, out,
             ln.weight if ln is not None else x, ln.bias if ln is not None else x, keys, values,
             pos if pos is not None else x, self.part_l, self.part_acc, self.best, self.best_index,
-            target if target is not None else x, prefetch_bytes, ln.eps if ln is not None else 0.0, n,
+            ln.eps if ln is not None else 0.0, n,
             K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, LN=ln is not None, ATTENTION=attention,
             BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, QKV=cache is not None, ARGMAX=argmax,
-            D=self.d, HD=self.hd, L=self.length, CHUNKS=self.chunks, ROWS=rows, PDL=self.pdl,
-            PREFETCH=prefetch_bytes > 0, num_warps=warps, launch_pdl=self.pdl)
+            D=self.d, HD=self.hd, L=self.length, CHUNKS=self.chunks, ROWS=rows, PDL=self.pdl, num_warps=warps,
+            launch_pdl=self.pdl)
