@@ -98,8 +98,12 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
     b = 0.0  # no bias: adding 0 changes nothing
     if BIAS:
         b = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if QKV:
+        pos = tl.load(pos_ptr)  # written by the previous step, which has finished (see KernelStep._layers)
     _await_previous_kernel(PDL)
     for row in tl.static_range(ROWS):  # the weight tile stays in hand from row to row
+        if RESIDUAL:  # loaded with the input, not after the product
+            residual = tl.load(out_ptr + row * N + rn, mask=n_mask, other=0.0)
         if ATTENTION:
             parts = row * (D // HD) * CHUNKS
             x = _merged_attention(x_ptr + parts, part_l_ptr + parts, part_acc_ptr + parts * HD, rk, k_mask, HD,
@@ -118,13 +122,13 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
         if QKV:
             which = rn // D
             col = rn % D
-            cached = row * (D * L) + (col // HD) * (L * HD) + tl.load(pos_ptr) * HD + col % HD
+            cached = row * (D * L) + (col // HD) * (L * HD) + pos * HD + col % HD
             tl.store(out_ptr + row * D + col, y, mask=n_mask & (which == 0))
             tl.store(k_ptr + cached, y, mask=n_mask & (which == 1))
             tl.store(v_ptr + cached, y, mask=n_mask & (which == 2))
         else:
             if RESIDUAL:
-                y += tl.load(out_ptr + row * N + rn, mask=n_mask, other=0.0)
+                y += residual
             tl.store(out_ptr + row * N + rn, y, mask=n_mask)
         if ARGMAX:
             best, where = tl.max(tl.where(n_mask, y, float("-inf")), axis=0, return_indices=True,
@@ -138,8 +142,13 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
 def attention_kernel(q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, pos_ptr, scale,
                      L: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
                      PDL: tl.constexpr):
-    """One head's chunk of positions up to ``pos`` in one row: its score maximum, sum of exp and exp-weighted values."""
-    _await_previous_kernel(PDL)
+    """One head's chunk of positions up to ``pos`` in one row: its score maximum, sum of exp and exp-weighted values.
+
+    The cache rows before ``pos``, written by earlier steps, are read before
+    the wait (the step starts after the previous one has finished, see
+    ``KernelStep._layers``); the row at ``pos``, which the qkv kernel just
+    wrote, after it.
+    """
     head = tl.program_id(0)
     chunk = tl.program_id(1)
     row = tl.program_id(2)
@@ -147,11 +156,16 @@ def attention_kernel(q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, 
     pos = tl.load(pos_ptr)
     rl = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
     d = tl.arange(0, HD)
-    valid = rl <= pos
-    offs = (row * heads + head) * L * HD + rl[:, None] * HD + d[None, :]
-    k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+    cache = (row * heads + head) * L * HD
+    offs = cache + rl[:, None] * HD + d[None, :]
+    k = tl.load(k_ptr + offs, mask=(rl < pos)[:, None], other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=(rl < pos)[:, None], other=0.0).to(tl.float32)
+    _await_previous_kernel(PDL)
     q = tl.load(q_ptr + (row * heads + head) * HD + d) * scale
+    now = (rl == pos)[:, None]
+    k = tl.where(now, tl.load(k_ptr + cache + pos * HD + d).to(tl.float32)[None, :], k)
+    v = tl.where(now, tl.load(v_ptr + cache + pos * HD + d).to(tl.float32)[None, :], v)
+    valid = rl <= pos
     s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
     m = tl.max(s)  # -inf for a chunk past pos: its weight in the merge is exp(-inf) = 0
     p = tl.where(valid, tl.exp(s - m), 0.0)
@@ -283,8 +297,10 @@ class KernelStep:
             raise ValueError("the decode kernels index the rows of tokens: pass a contiguous tensor")
         m = self.model
         block_l, warps = self.configs["attention"]
+        # Launched without PDL: it starts once everything before it has finished, and so does the rest of
+        # the step, which can then read the previous step's writes (the cache rows, ``pos``) before its waits.
         embed_kernel[(rows,)](tokens, pos, m.wte.weight, m.wpe.weight, self.x, D=self.d,
-                              BLOCK_D=triton.next_power_of_2(self.d), PDL=self.pdl, launch_pdl=self.pdl)
+                              BLOCK_D=triton.next_power_of_2(self.d), PDL=self.pdl, launch_pdl=False)
         for block, (keys, values) in zip(m.blocks, cache.layers):
             self._gemv("qkv", rows, self.x, block.attn.qkv, self.q, ln=block.ln_1, cache=(keys, values), pos=pos)
             attention_kernel[(block.attn.n_head, self.chunks, rows)](
