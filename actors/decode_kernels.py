@@ -1,4 +1,4 @@
-"""Triton kernels for the decoder's cached step at up to ``MAX_ROWS`` rows: four GEMVs and a split attention a layer.
+"""Triton kernels for the decoder's cached step at up to ``KERNEL_MAX_ROWS`` rows: four GEMVs and a split attention a layer.
 
 Per layer: layer norm + qkv product (its keys and values written straight into
 the cache at ``pos``); attention over the cache up to ``pos``, split into
@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from actors.decode import KERNEL_MAX_ROWS
 
 
 @triton.jit
@@ -226,15 +228,8 @@ def configs_for(dtype: torch.dtype) -> dict:
     return CONFIGS[torch.bfloat16 if dtype.itemsize == 2 else torch.float32]
 
 
-# The most rows a step runs as these kernels: each program loops over the rows one by one, so the step
-# grows with them and the model's batched products win past a few. GPT-2 small fp32 on an H100, device
-# us a step, these kernels against the compiled step: 2 rows 340 vs 810, 4 rows 635 vs 788, 8 rows
-# 1,378 vs 1,077 (docs/results/decode_kernel_rows.json).
-MAX_ROWS = 4
-
-
 class KernelStep:
-    """The decode step of a ``Decoder`` for up to ``MAX_ROWS`` rows, as the kernels above (CUDA; Triton).
+    """The decode step of a ``Decoder`` for up to ``KERNEL_MAX_ROWS`` rows, as the kernels above (CUDA; Triton).
 
     ``logits`` is ``Decoder.step`` (float32 logits); ``greedy`` is that, the
     position's advance and ``Generator._advance`` at temperature 0, with no
@@ -259,7 +254,7 @@ class KernelStep:
         self.parts = triton.cdiv(shape.vocab_size, self.configs["head"][0])
         device = model.wte.weight.device
         f32 = {"dtype": torch.float32, "device": device}
-        rows, heads = MAX_ROWS, shape.n_head
+        rows, heads = KERNEL_MAX_ROWS, shape.n_head
         self.x = torch.empty(rows, self.d, **f32)
         self.q = torch.empty(rows, self.d, **f32)
         self.part_m = torch.empty(rows, heads, self.chunks, **f32)
@@ -291,8 +286,8 @@ class KernelStep:
     def _layers(self, tokens, pos, cache, argmax: bool) -> int:
         """The kernels up to the head's logits (and their per-program maxima); returns the rows."""
         rows = tokens.shape[0]
-        if not 1 <= rows <= MAX_ROWS:
-            raise ValueError(f"the decode kernels run 1 to {MAX_ROWS} rows, got {rows}")
+        if not 1 <= rows <= KERNEL_MAX_ROWS:
+            raise ValueError(f"the decode kernels run 1 to {KERNEL_MAX_ROWS} rows, got {rows}")
         if not tokens.is_contiguous():
             raise ValueError("the decode kernels index the rows of tokens: pass a contiguous tensor")
         m = self.model

@@ -148,14 +148,14 @@ def test_a_head_size_the_kernels_cannot_tile_is_refused():
 
 
 def test_rows_the_kernels_cannot_index_are_refused_before_any_launch():
-    from actors.decode import Decoder, DecoderShape, KVCache
-    from actors.decode_kernels import MAX_ROWS, KernelStep
+    from actors.decode import KERNEL_MAX_ROWS, Decoder, DecoderShape, KVCache
+    from actors.decode_kernels import KernelStep
     shape = DecoderShape(vocab_size=50, n_positions=16, d_model=64, n_layer=1, n_head=2)
     step = KernelStep(Decoder(shape), 16, pdl=False)
-    cache = KVCache(shape, MAX_ROWS + 1, 16, torch.float32, torch.device("cpu"))
+    cache = KVCache(shape, KERNEL_MAX_ROWS + 1, 16, torch.float32, torch.device("cpu"))
     pos = torch.tensor([3])
-    with pytest.raises(ValueError, match=f"run 1 to {MAX_ROWS} rows, got {MAX_ROWS + 1}"):
-        step.logits(torch.zeros(MAX_ROWS + 1, dtype=torch.long), pos, cache.view(MAX_ROWS + 1))
+    with pytest.raises(ValueError, match=f"run 1 to {KERNEL_MAX_ROWS} rows, got {KERNEL_MAX_ROWS + 1}"):
+        step.logits(torch.zeros(KERNEL_MAX_ROWS + 1, dtype=torch.long), pos, cache.view(KERNEL_MAX_ROWS + 1))
     with pytest.raises(ValueError, match="contiguous"):
         step.logits(torch.zeros(2, 3, dtype=torch.long)[:, -1], pos, cache.view(2))
 
