@@ -33,9 +33,10 @@ such pairs of up to 4,096 prompt tokens; it reads the batch's rows and id from
 the device, so one graph serves every batch of its pair. All graphs share one
 memory pool: they never run at once, since each step waits on the previous
 one. A batch pads up to a bucket of ``actors.graphs.buckets_for(max_batch)``;
-padded rows start finished. With ``GenerateConfig(kernels=True)`` the step of
-a bucket of up to ``KERNEL_MAX_ROWS`` rows is ``actors.decode_kernels``'
-Triton kernels (greedy: the token choice too) inside the same graphs. On the
+padded rows start finished. With ``GenerateConfig(kernels=True)`` a bucket's
+step is ``actors.decode_kernels``' Triton kernels (greedy: the token choice
+too) inside the same graphs: every bucket for 2-byte weights, buckets of up to
+``GEMV_MAX_ROWS`` (4) rows for float32 ones. On the
 CPU backend the same code runs eagerly: streams are program order and events
 complete when recorded (``actors.streams``).
 """
@@ -89,11 +90,6 @@ class DecoderShape:
 GPT2_SMALL = DecoderShape()
 TINY_DECODER = DecoderShape(vocab_size=256, n_positions=256, d_model=64, n_layer=2, n_head=4)
 
-# The most rows a step runs as actors.decode_kernels (``GenerateConfig.kernels``): each kernel program
-# loops over the rows one by one, so the step grows with them and the model's batched products win past
-# a few. GPT-2 small fp32 on an H100, device us a step, those kernels against the compiled step: 2 rows
-# 340 vs 810, 4 rows 635 vs 788, 8 rows 1,378 vs 1,077 (docs/results/decode_kernel_rows.json).
-KERNEL_MAX_ROWS = 4
 
 
 def _sums_products(x: torch.Tensor) -> bool:
@@ -294,7 +290,7 @@ class GenerateConfig:
     seed: int = 0
     graphs: bool = True  # replay each step as a CUDA graph (always eager on the CPU backend)
     compile: bool = False  # fuse the cached step's kernels with torch.compile before its capture (CUDA only)
-    kernels: bool = False  # buckets of up to KERNEL_MAX_ROWS step with actors.decode_kernels (CUDA only)
+    kernels: bool = False  # the cached step as actors.decode_kernels' (float32: up to 4 rows; CUDA only)
     warmup_iters: int = 2  # eager steps per parity before a bucket's capture
     # (bucket, prompt length) pairs whose reset + prefill replay as a CUDA graph, each captured at its first
     # batch; later pairs run eagerly. 0: every prefill eager.
@@ -329,7 +325,7 @@ class DecodeStats:
 
     graphs: bool = False  # whether steps replay CUDA graphs
     compiled: bool = False  # whether the cached step runs torch.compile's fused kernels
-    kernels: bool = False  # whether cached steps of up to KERNEL_MAX_ROWS rows run actors.decode_kernels
+    kernels: bool = False  # whether cached steps run actors.decode_kernels (float32: up to 4 rows)
     graphs_captured: int = 0  # the steps' (one per bucket and parity)
     prefill_graphs_captured: int = 0
     capture_seconds: float = 0.0
@@ -409,7 +405,8 @@ class Generator:
             self._kernel_step = None
             if self.stats.kernels:
                 from actors.decode_kernels import KernelStep  # imports Triton: CUDA only
-                self._kernel_step = KernelStep(model, length, pdl=torch.cuda.get_device_capability(device)[0] >= 9)
+                self._kernel_step = KernelStep(model, rows, length,
+                                               pdl=torch.cuda.get_device_capability(device)[0] >= 9)
         self._host_flags_np = self._host_flags.numpy()
         self._host_batch_np = self._host_batch.numpy()
         self._compute.synchronize()  # the buffers exist before any lane touches them
@@ -663,7 +660,7 @@ class Generator:
 
     def _decode_step(self, rows: int, parity: int) -> None:
         """Steps 1.. of the cached loops; what a graph captures."""
-        kernels = self._kernel_step if rows <= KERNEL_MAX_ROWS else None
+        kernels = self._kernel_step if self._kernel_step is not None and rows <= self._kernel_step.max_rows else None
         if kernels is not None and self.config.temperature == 0:
             kernels.greedy(self._tokens[:rows], self._pos, self._view(rows), self._finished[:rows], self._out[:rows],
                            self._step, self._flags[parity:parity + 1], self.config.pad_token_id,

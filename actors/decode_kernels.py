@@ -1,4 +1,4 @@
-"""Triton kernels for the decoder's cached step at up to ``KERNEL_MAX_ROWS`` rows: four GEMVs and a split attention a layer.
+"""Triton kernels for the decoder's cached step: four products and a split attention a layer.
 
 Per layer: layer norm + qkv product (its keys and values written straight into
 the cache at ``pos``); attention over the cache up to ``pos``, split into
@@ -7,14 +7,19 @@ written out; output projection, whose input is those partials merged, +
 residual; layer norm + first MLP product + GELU; second MLP product +
 residual. Then the final layer norm and the output head.
 
-Each product is a GEMV per row: a program owns ``BLOCK_N`` output features and
-loads their weight rows whole, before anything else, so the weight's read is in
-flight while the program builds its input (a layer norm of the 768-wide
-residual, or the merged attention), which every program recomputes: cheaper
-than a kernel of its own. It does so for each row in turn, so the weight is
-read once a step whatever the rows; all rows share the position ``pos``. No
-atomics: every output is summed in one fixed order, so a step gives the same
-bits every time it runs.
+Each product comes in two forms, by the step's rows. Up to ``GEMV_MAX_ROWS``
+rows, a GEMV per row (``gemv_kernel``): a program owns ``BLOCK_N`` output
+features and loads their weight rows whole, before anything else, so the
+weight's read is in flight while the program builds its input (a layer norm of
+the 768-wide residual, or the merged attention), which every program
+recomputes: cheaper than a kernel of its own. It does so for each row in turn,
+so the weight is read once a step whatever the rows, but the work grows with
+them. Past that, tiles: ``input_kernel`` builds the same inputs once, a row a
+program, then in ``tiled_kernel`` a program owns ``BLOCK_M`` rows by
+``BLOCK_N`` features and walks the input in ``BLOCK_K`` slices through
+``tl.dot`` (tensor cores for 2-byte weights). All rows share the position
+``pos``. No atomics: every output is summed in one fixed order, so a step
+gives the same bits every time it runs.
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from actors.decode import KERNEL_MAX_ROWS
+# The most rows a step runs as GEMVs; more run as tiles. Each GEMV program loops over the rows one by one,
+# so that step grows with them: GPT-2 small fp32 on an H100, device us a step, GEMVs against the compiled
+# model step: 2 rows 340 vs 810, 4 rows 635 vs 788, 8 rows 1,378 vs 1,077 (docs/results/decode_kernel_rows.json).
+GEMV_MAX_ROWS = 4
 
 
 @triton.jit
@@ -76,6 +84,26 @@ def _merged_attention(part_m_ptr, part_l_ptr, part_acc_ptr, rk, k_mask,
 
 
 @triton.jit
+def _row_input(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, eps, row, rk, k_mask,
+               K: tl.constexpr, LN: tl.constexpr, ATTENTION: tl.constexpr, D: tl.constexpr, HD: tl.constexpr,
+               CHUNKS: tl.constexpr):
+    """Features ``rk`` of a product's input in row ``row``, float32: x, LN(x), or (ATTENTION) the attention
+    merged from its partials (``x_ptr`` holds the chunk maxima)."""
+    if ATTENTION:
+        parts = row * (D // HD) * CHUNKS
+        x = _merged_attention(x_ptr + parts, part_l_ptr + parts, part_acc_ptr + parts * HD, rk, k_mask, HD, CHUNKS)
+    else:
+        x = tl.load(x_ptr + row * K + rk, mask=k_mask, other=0.0).to(tl.float32)
+    if LN:
+        mean = tl.sum(x) / K
+        centred = tl.where(k_mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred) / K + eps)
+        x = centred * rstd * tl.load(ln_w_ptr + rk, mask=k_mask, other=0.0).to(tl.float32) + \
+            tl.load(ln_b_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr,
                 part_l_ptr, part_acc_ptr, best_ptr, best_index_ptr, eps, N,
                 K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -106,18 +134,8 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
     for row in tl.static_range(ROWS):  # the weight tile stays in hand from row to row
         if RESIDUAL:  # loaded with the input, not after the product
             residual = tl.load(out_ptr + row * N + rn, mask=n_mask, other=0.0)
-        if ATTENTION:
-            parts = row * (D // HD) * CHUNKS
-            x = _merged_attention(x_ptr + parts, part_l_ptr + parts, part_acc_ptr + parts * HD, rk, k_mask, HD,
-                                  CHUNKS)
-        else:
-            x = tl.load(x_ptr + row * K + rk, mask=k_mask, other=0.0).to(tl.float32)
-        if LN:
-            mean = tl.sum(x) / K
-            centred = tl.where(k_mask, x - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(centred * centred) / K + eps)
-            x = centred * rstd * tl.load(ln_w_ptr + rk, mask=k_mask, other=0.0).to(tl.float32) + \
-                tl.load(ln_b_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+        x = _row_input(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, eps, row, rk, k_mask, K, LN, ATTENTION,
+                       D, HD, CHUNKS)
         y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) + b
         if GELU:
             y = _gelu_tanh(y)
@@ -138,6 +156,73 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
             part = row * tl.num_programs(0) + tl.program_id(0)
             tl.store(best_ptr + part, best)
             tl.store(best_index_ptr + part, tl.program_id(0) * BLOCK_N + where)
+
+
+@triton.jit
+def input_kernel(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, out_ptr, eps,
+                 K: tl.constexpr, K_POW2: tl.constexpr, LN: tl.constexpr, ATTENTION: tl.constexpr,
+                 D: tl.constexpr, HD: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr):
+    """A tiled product's input, one row a program, in ``out``'s dtype: built as ``gemv_kernel`` builds it."""
+    _await_previous_kernel(PDL)
+    row = tl.program_id(0)
+    rk = tl.arange(0, K_POW2)
+    k_mask = rk < K
+    x = _row_input(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, eps, row, rk, k_mask, K, LN, ATTENTION, D,
+                   HD, CHUNKS)
+    tl.store(out_ptr + row * K + rk, x.to(out_ptr.dtype.element_ty), mask=k_mask)
+
+
+@triton.jit
+def tiled_kernel(x_ptr, w_ptr, b_ptr, out_ptr, k_ptr, v_ptr, pos_ptr, best_ptr, best_index_ptr, N,
+                 K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr,
+                 ARGMAX: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, ROWS: tl.constexpr,
+                 PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """``gemv_kernel``'s outputs for this program's ``BLOCK_M`` rows by ``BLOCK_N`` features, through ``tl.dot``.
+
+    The input ``x`` is plain: a layer norm or merged attention comes from
+    ``input_kernel``. It is cast to the weight's dtype for the dot (float32
+    weights: ``PRECISION`` "ieee", no TF32); products sum in float32.
+    """
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < ROWS
+    if BIAS:
+        b = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if QKV:
+        pos = tl.load(pos_ptr)  # written by the previous step, which has finished (see KernelStep._layers)
+    _await_previous_kernel(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
+    y = acc
+    if BIAS:
+        y += b[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if QKV:
+        which = rn // D
+        col = rn % D
+        cached = rm[:, None] * (D * L) + ((col // HD) * (L * HD) + pos * HD + col % HD)[None, :]
+        tl.store(out_ptr + rm[:, None] * D + col[None, :], y, mask=mask & (which == 0)[None, :])
+        tl.store(k_ptr + cached, y, mask=mask & (which == 1)[None, :])
+        tl.store(v_ptr + cached, y, mask=mask & (which == 2)[None, :])
+    else:
+        if RESIDUAL:
+            y += tl.load(out_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], y, mask=mask)
+    if ARGMAX:
+        best, where = tl.max(tl.where(n_mask[None, :], y, float("-inf")), axis=1, return_indices=True,
+                             return_indices_tie_break_left=True)
+        part = rm * tl.num_programs(0) + tl.program_id(0)
+        tl.store(best_ptr + part, best, mask=m_mask)
+        tl.store(best_index_ptr + part, tl.program_id(0) * BLOCK_N + where, mask=m_mask)
 
 
 @triton.jit
@@ -180,46 +265,51 @@ def attention_kernel(q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, 
 @triton.jit
 def greedy_advance_kernel(best_ptr, best_index_ptr, tokens_ptr, pos_ptr, finished_ptr, out_ptr, step_ptr, flag_ptr,
                           pad, eos, out_stride, PARTS: tl.constexpr, BLOCK: tl.constexpr, EOS: tl.constexpr,
-                          ROWS: tl.constexpr, PDL: tl.constexpr):
+                          ROWS: tl.constexpr, ROW_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """The token choice of ``Generator._advance`` at temperature 0 for ROWS rows, and the position's advance.
 
     A row's token is its first largest logit (the head's per-program maxima
     merged), or the pad once the row has finished; it is written to the row's
     output column ``step`` and fed to the next step; ``finished`` takes in
     EOS, the flag is whether every row has finished; ``step`` and ``pos`` go
-    up by one.
+    up by one. One program, ``ROW_BLOCK`` rows at a time.
     """
     _await_previous_kernel(PDL)
     offs = tl.arange(0, BLOCK)
     step = tl.load(step_ptr)
-    for row in tl.static_range(ROWS):
-        best = tl.load(best_ptr + row * PARTS + offs, mask=offs < PARTS, other=float("-inf"))
-        _, where = tl.max(best, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        finished = tl.load(finished_ptr + row) != 0
-        token = tl.where(finished, pad, tl.load(best_index_ptr + row * PARTS + where))
-        tl.store(out_ptr + row * out_stride + step, token)
+    live = 0
+    for first in tl.static_range(0, ROWS, ROW_BLOCK):
+        rows = first + tl.arange(0, ROW_BLOCK)
+        r_mask = rows < ROWS
+        best = tl.load(best_ptr + rows[:, None] * PARTS + offs[None, :], mask=r_mask[:, None] & (offs < PARTS)[None, :],
+                       other=float("-inf"))
+        _, where = tl.max(best, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        finished = tl.load(finished_ptr + rows, mask=r_mask, other=1) != 0  # rows past ROWS count as finished
+        token = tl.where(finished, pad, tl.load(best_index_ptr + rows * PARTS + where, mask=r_mask, other=0))
+        tl.store(out_ptr + rows * out_stride + step, token, mask=r_mask)
         if EOS:
             finished = finished | (token == eos)
-            tl.store(finished_ptr + row, finished)
-        tl.store(tokens_ptr + row, token)
-        if row == 0:
-            done = finished
-        else:
-            done = done & finished
-    tl.store(flag_ptr, done)
+            tl.store(finished_ptr + rows, finished, mask=r_mask)
+        tl.store(tokens_ptr + rows, token, mask=r_mask)
+        live += tl.sum((finished == 0).to(tl.int32))
+    tl.store(flag_ptr, live == 0)
     tl.store(step_ptr, step + 1)
     tl.store(pos_ptr, tl.load(pos_ptr) + 1)
 
 
-# (block_n, num_warps) per product, (block_l, num_warps) for the attention, by the weights' dtype: for
-# GPT-2 small on an H100, the fastest of a coordinate descent that timed the whole step, graphed, per
-# candidate (docs/results/decode_tuning_probe; timing each kernel alone chose slower steps). Any shape
-# runs with them; other shapes may have faster ones.
+# By the weights' dtype. GEMVs: (block_n, num_warps) per product, and (block_l, num_warps) for the
+# attention: for GPT-2 small on an H100, the fastest of a coordinate descent that timed the whole step,
+# graphed, per candidate (docs/results/decode_tuning_probe; timing each kernel alone chose slower steps).
+# Tiles: (block_n, block_k, num_warps, num_stages) per product ("... tiles"), and the most rows a tile
+# takes ("block_m"; fewer rows take the next power of two, at least 16, tl.dot's least). Any shape runs
+# with them; other shapes may have faster ones.
+_TILES = {"qkv tiles": (32, 128, 4, 3), "proj tiles": (16, 128, 4, 3), "fc tiles": (32, 128, 4, 3),
+          "proj2 tiles": (16, 256, 4, 3), "head tiles": (64, 128, 4, 3), "block_m": 64}
 CONFIGS = {
     torch.float32: {"qkv": (4, 1), "proj": (8, 4), "fc": (8, 2), "proj2": (2, 8), "head": (16, 4),
-                    "attention": (16, 2)},
+                    "attention": (16, 2), **_TILES},
     torch.bfloat16: {"qkv": (4, 1), "proj": (16, 4), "fc": (8, 1), "proj2": (4, 8), "head": (16, 4),
-                     "attention": (64, 2)},
+                     "attention": (64, 2), **_TILES},
 }
 
 
@@ -229,7 +319,7 @@ def configs_for(dtype: torch.dtype) -> dict:
 
 
 class KernelStep:
-    """The decode step of a ``Decoder`` for up to ``KERNEL_MAX_ROWS`` rows, as the kernels above (CUDA; Triton).
+    """The decode step of a ``Decoder`` for up to ``max_rows`` rows, as the kernels above (CUDA; Triton).
 
     ``logits`` is ``Decoder.step`` (float32 logits); ``greedy`` is that, the
     position's advance and ``Generator._advance`` at temperature 0, with no
@@ -238,32 +328,43 @@ class KernelStep:
     keeps its addresses. ``pdl``: programmatic dependent launch (sm90 and
     later), so each kernel reads its weights while the one before it finishes.
     ``configs`` overrides entries of ``configs_for`` the weights' dtype.
+    ``max_rows`` is ``rows`` with ``tiles`` (the default for 2-byte weights),
+    else at most ``GEMV_MAX_ROWS``: float32 tiles are exact but slow.
     """
 
-    def __init__(self, model, length: int, pdl: bool, configs: dict | None = None) -> None:
+    def __init__(self, model, rows: int, length: int, pdl: bool, configs: dict | None = None,
+                 tiles: bool | None = None) -> None:
         shape = model.shape
         head_size = shape.d_model // shape.n_head
         if head_size & (head_size - 1):
             raise ValueError(f"the decode kernels need a power-of-two head size (d_model / n_head), got "
                              f"{shape.d_model} / {shape.n_head} = {head_size}")
         self.model = model
+        dtype = model.wte.weight.dtype
+        # Float32 tiles (tl.dot's FMA "ieee" path) made the step 2-11x slower than the compiled model
+        # step on an H100: GPT-2 small at 8, 16, 64 rows, 4,526 / 2,650 / 13,544 against 1,071 / 1,179 /
+        # 1,855 us (docs/results/decode_tiles_probe/tiles_fp32.json).
+        self.max_rows = rows if (dtype.itemsize == 2 if tiles is None else tiles) else min(rows, GEMV_MAX_ROWS)
         self.pdl = pdl
-        self.configs = {**configs_for(model.wte.weight.dtype), **(configs or {})}
+        self.configs = {**configs_for(dtype), **(configs or {})}
+        self.precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32: ignored at 2 bytes
         self.d, self.hd, self.length = shape.d_model, head_size, length
         self.chunks = triton.cdiv(length, self.configs["attention"][0])
-        self.parts = triton.cdiv(shape.vocab_size, self.configs["head"][0])
+        parts = max(triton.cdiv(shape.vocab_size, self.configs[name][0]) for name in ("head", "head tiles"))
         device = model.wte.weight.device
         f32 = {"dtype": torch.float32, "device": device}
-        rows, heads = KERNEL_MAX_ROWS, shape.n_head
+        rows, heads = self.max_rows, shape.n_head
         self.x = torch.empty(rows, self.d, **f32)
         self.q = torch.empty(rows, self.d, **f32)
         self.part_m = torch.empty(rows, heads, self.chunks, **f32)
         self.part_l = torch.empty(rows, heads, self.chunks, **f32)
         self.part_acc = torch.empty(rows, heads, self.chunks, self.hd, **f32)
         self.h = torch.empty(rows, 4 * self.d, **f32)
+        # A tiled product's input (a layer norm, the merged attention), in the weights' dtype.
+        self.inputs = torch.empty(rows, self.d, dtype=dtype, device=device)
         self.vocab_logits = torch.empty(rows, shape.vocab_size, **f32)
-        self.best = torch.empty(rows, self.parts, **f32)
-        self.best_index = torch.empty(rows, self.parts, dtype=torch.long, device=device)
+        self.best = torch.empty(rows, parts, **f32)
+        self.best_index = torch.empty(rows, parts, dtype=torch.long, device=device)
 
     def logits(self, tokens, pos, cache):
         """``Decoder.step(tokens, pos, cache)``: the logits ``(rows, vocab)``, float32 (a view of a buffer)."""
@@ -278,16 +379,19 @@ class KernelStep:
         element each).
         """
         rows = self._layers(tokens, pos, cache, argmax=True)
+        head = "head" if rows <= GEMV_MAX_ROWS else "head tiles"
+        parts = triton.cdiv(self.model.shape.vocab_size, self.configs[head][0])  # the head's programs a row
         greedy_advance_kernel[(1,)](
             self.best, self.best_index, tokens, pos, finished, out, step, flag, pad, -1 if eos is None else eos,
-            out.stride(0), PARTS=self.parts, BLOCK=triton.next_power_of_2(self.parts), EOS=eos is not None,
-            ROWS=rows, PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
+            out.stride(0), PARTS=parts, BLOCK=triton.next_power_of_2(parts), EOS=eos is not None,
+            ROWS=rows, ROW_BLOCK=min(triton.next_power_of_2(rows), 16), PDL=self.pdl, num_warps=4,
+            launch_pdl=self.pdl)
 
     def _layers(self, tokens, pos, cache, argmax: bool) -> int:
         """The kernels up to the head's logits (and their per-program maxima); returns the rows."""
         rows = tokens.shape[0]
-        if not 1 <= rows <= KERNEL_MAX_ROWS:
-            raise ValueError(f"the decode kernels run 1 to {KERNEL_MAX_ROWS} rows, got {rows}")
+        if not 1 <= rows <= self.max_rows:
+            raise ValueError(f"this KernelStep runs 1 to {self.max_rows} rows, got {rows}")
         if not tokens.is_contiguous():
             raise ValueError("the decode kernels index the rows of tokens: pass a contiguous tensor")
         m = self.model
@@ -297,30 +401,44 @@ class KernelStep:
         embed_kernel[(rows,)](tokens, pos, m.wte.weight, m.wpe.weight, self.x, D=self.d,
                               BLOCK_D=triton.next_power_of_2(self.d), PDL=self.pdl, launch_pdl=False)
         for block, (keys, values) in zip(m.blocks, cache.layers):
-            self._gemv("qkv", rows, self.x, block.attn.qkv, self.q, ln=block.ln_1, cache=(keys, values), pos=pos)
+            self._product("qkv", rows, self.x, block.attn.qkv, self.q, ln=block.ln_1, cache=(keys, values), pos=pos)
             attention_kernel[(block.attn.n_head, self.chunks, rows)](
                 self.q, keys, values, self.part_m, self.part_l, self.part_acc, pos, block.attn.scale,
                 L=self.length, HD=self.hd, BLOCK_L=block_l, CHUNKS=self.chunks, PDL=self.pdl, num_warps=warps,
                 launch_pdl=self.pdl)
-            self._gemv("proj", rows, self.part_m, block.attn.proj, self.x, residual=True, attention=True)
-            self._gemv("fc", rows, self.x, block.mlp[0], self.h, ln=block.ln_2, gelu=True)
-            self._gemv("proj2", rows, self.h, block.mlp[2], self.x, residual=True)
-        self._gemv("head", rows, self.x, m.lm_head, self.vocab_logits, ln=m.ln_f, argmax=argmax)
+            self._product("proj", rows, self.part_m, block.attn.proj, self.x, residual=True, attention=True)
+            self._product("fc", rows, self.x, block.mlp[0], self.h, ln=block.ln_2, gelu=True)
+            self._product("proj2", rows, self.h, block.mlp[2], self.x, residual=True)
+        self._product("head", rows, self.x, m.lm_head, self.vocab_logits, ln=m.ln_f, argmax=argmax)
         return rows
 
-    def _gemv(self, name, rows, x, linear, out, ln=None, gelu=False, residual=False, cache=None, pos=None,
-              attention=False, argmax=False) -> None:
-        block_n, warps = self.configs[name]
+    def _product(self, name, rows, x, linear, out, ln=None, gelu=False, residual=False, cache=None, pos=None,
+                 attention=False, argmax=False) -> None:
+        """One product of the step: GEMVs up to ``GEMV_MAX_ROWS`` rows; past that, its input then tiles."""
         n, k = linear.weight.shape
         bias = linear.bias
         keys, values = cache if cache is not None else (out, out)
         # A pointer the flags leave unread gets any tensor.
-        gemv_kernel[(triton.cdiv(n, block_n),)](
-            x, linear.weight, bias if bias is not None else linear.weight, out,
-            ln.weight if ln is not None else x, ln.bias if ln is not None else x, keys, values,
-            pos if pos is not None else x, self.part_l, self.part_acc, self.best, self.best_index,
-            ln.eps if ln is not None else 0.0, n,
-            K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, LN=ln is not None, ATTENTION=attention,
-            BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, QKV=cache is not None, ARGMAX=argmax,
-            D=self.d, HD=self.hd, L=self.length, CHUNKS=self.chunks, ROWS=rows, PDL=self.pdl, num_warps=warps,
-            launch_pdl=self.pdl)
+        bias = bias if bias is not None else linear.weight
+        pos = pos if pos is not None else x
+        ln_w, ln_b, eps = (ln.weight, ln.bias, ln.eps) if ln is not None else (x, x, 0.0)
+        shared = dict(BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=cache is not None,
+                      ARGMAX=argmax, D=self.d, HD=self.hd, L=self.length, ROWS=rows, PDL=self.pdl,
+                      launch_pdl=self.pdl)
+        if rows <= GEMV_MAX_ROWS:
+            block_n, warps = self.configs[name]
+            gemv_kernel[(triton.cdiv(n, block_n),)](
+                x, linear.weight, bias, out, ln_w, ln_b, keys, values, pos, self.part_l, self.part_acc, self.best,
+                self.best_index, eps, n, K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, LN=ln is not None,
+                ATTENTION=attention, CHUNKS=self.chunks, num_warps=warps, **shared)
+            return
+        if ln is not None or attention:
+            input_kernel[(rows,)](x, ln_w, ln_b, self.part_l, self.part_acc, self.inputs, eps, K=k,
+                                  K_POW2=triton.next_power_of_2(k), LN=ln is not None, ATTENTION=attention, D=self.d,
+                                  HD=self.hd, CHUNKS=self.chunks, PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
+            x = self.inputs
+        block_n, block_k, warps, stages = self.configs[f"{name} tiles"]
+        block_m = min(self.configs["block_m"], max(16, triton.next_power_of_2(rows)))
+        tiled_kernel[(triton.cdiv(n, block_n), triton.cdiv(rows, block_m))](
+            x, linear.weight, bias, out, keys, values, pos, self.best, self.best_index, n, K=k, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=self.precision, num_warps=warps, num_stages=stages, **shared)
