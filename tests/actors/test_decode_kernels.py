@@ -133,6 +133,15 @@ GREEDY = PRELUDE + textwrap.dedent("""
                                     PARTS=4, BLOCK=4, EOS=True, ROWS=1, ROW_BLOCK=1, PDL=False)
         assert out.tolist() == [0, 0, expected, 0, 0, 0] and int(tokens) == expected
         assert bool(finished) and bool(flag) and int(column) == 3 and int(pos) == 5
+    # Rows a block of one at a time (the GEMVs' head): each row its own maxima; the flag waits for both rows.
+    best = torch.tensor([[0.5, 2.0, 1.0, 2.0], [3.0, 2.0, 1.0, 0.0]])
+    index = torch.tensor([[3, 17, 40, 9], [8, 1, 2, 3]])
+    tokens, pos, finished = torch.tensor([1, 1]), torch.tensor([4]), torch.tensor([False, False])
+    out, column, flag = torch.zeros(2, 6, dtype=torch.long), torch.tensor([2]), torch.ones(1, dtype=torch.bool)
+    greedy_advance_kernel[(1,)](best, index, tokens, pos, finished, out, column, flag, 5, 17, 6,
+                                PARTS=4, BLOCK=4, EOS=True, ROWS=2, ROW_BLOCK=1, PDL=False)
+    assert out[:, 2].tolist() == [17, 8] and tokens.tolist() == [17, 8]
+    assert finished.tolist() == [True, False] and not bool(flag)
     print("ok")
 """)
 
