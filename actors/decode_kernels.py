@@ -273,8 +273,8 @@ def greedy_advance_kernel(best_ptr, best_index_ptr, tokens_ptr, pos_ptr, finishe
     output column ``step`` and fed to the next step; ``finished`` takes in
     EOS, the flag is whether every row has finished; ``step`` and ``pos`` go
     up by one. One program, ``ROW_BLOCK`` rows at a time: KernelStep.greedy
-    keeps a block to 4,096 maxima (one row at the GEMVs' head), as 4 rows of
-    them at once made the step at 4 rows 12 us slower (626 vs 614 us, fp32, H100).
+    takes up to 16, as blocks of fewer rows made the bfloat16 step at 64 rows
+    about 45 us slower (docs/results/decode_tiles_probe/README.md).
     """
     _await_previous_kernel(PDL)
     offs = tl.arange(0, BLOCK)
@@ -386,8 +386,8 @@ class KernelStep:
         greedy_advance_kernel[(1,)](
             self.best, self.best_index, tokens, pos, finished, out, step, flag, pad, -1 if eos is None else eos,
             out.stride(0), PARTS=parts, BLOCK=triton.next_power_of_2(parts), EOS=eos is not None,
-            ROWS=rows, ROW_BLOCK=min(triton.next_power_of_2(rows), max(1, 4096 // triton.next_power_of_2(parts))),
-            PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
+            ROWS=rows, ROW_BLOCK=min(triton.next_power_of_2(rows), 16), PDL=self.pdl, num_warps=4,
+            launch_pdl=self.pdl)
 
     def _layers(self, tokens, pos, cache, argmax: bool) -> int:
         """The kernels up to the head's logits (and their per-program maxima); returns the rows."""

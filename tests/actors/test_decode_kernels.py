@@ -133,7 +133,7 @@ GREEDY = PRELUDE + textwrap.dedent("""
                                     PARTS=4, BLOCK=4, EOS=True, ROWS=1, ROW_BLOCK=1, PDL=False)
         assert out.tolist() == [0, 0, expected, 0, 0, 0] and int(tokens) == expected
         assert bool(finished) and bool(flag) and int(column) == 3 and int(pos) == 5
-    # Rows a block of one at a time (the GEMVs' head): each row its own maxima; the flag waits for both rows.
+    # Rows in blocks smaller than ROWS (past 16 rows): each row its own maxima; the flag waits for every block.
     best = torch.tensor([[0.5, 2.0, 1.0, 2.0], [3.0, 2.0, 1.0, 0.0]])
     index = torch.tensor([[3, 17, 40, 9], [8, 1, 2, 3]])
     tokens, pos, finished = torch.tensor([1, 1]), torch.tensor([4]), torch.tensor([False, False])

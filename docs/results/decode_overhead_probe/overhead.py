@@ -13,7 +13,7 @@ host waits, under the same changes between steps: both parities' graphs in
 turn (as the loops run them) or parity 0's only (as the bound does), with or
 without the loop's event record and wait after each step.
 
-    python docs/results/decode_interleave_probe/overhead.py LABEL [rounds] [dtype,...]
+    python docs/results/decode_overhead_probe/overhead.py LABEL [rounds] [dtype,...]
 
 writes ``LABEL.json``.
 """
