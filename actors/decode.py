@@ -36,7 +36,7 @@ one. A batch pads up to a bucket of ``actors.graphs.buckets_for(max_batch)``;
 padded rows start finished. With ``GenerateConfig(kernels=True)`` a bucket's
 step is ``actors.decode_kernels``' Triton kernels (greedy: the token choice
 too) inside the same graphs: every bucket for 2-byte weights, buckets of up to
-``GEMV_MAX_ROWS`` (4) rows for float32 ones. On the
+``GEMV_MAX_ROWS`` rows for float32 ones. On the
 CPU backend the same code runs eagerly: streams are program order and events
 complete when recorded (``actors.streams``).
 """
@@ -90,6 +90,12 @@ class DecoderShape:
 GPT2_SMALL = DecoderShape()
 TINY_DECODER = DecoderShape(vocab_size=256, n_positions=256, d_model=64, n_layer=2, n_head=4)
 
+# The most rows actors.decode_kernels runs as GEMVs, and so for float32 weights at all
+# (``GenerateConfig.kernels``); more run as tiles. Here, not there, so it is read without importing Triton.
+# Each GEMV program loops over the rows one by one, so that step grows with them: GPT-2 small fp32 on an
+# H100, device us a step, GEMVs against the compiled model step: 2 rows 340 vs 810, 4 rows 635 vs 788,
+# 8 rows 1,378 vs 1,077 (docs/results/decode_kernel_rows.json).
+GEMV_MAX_ROWS = 4
 
 
 def _sums_products(x: torch.Tensor) -> bool:
@@ -290,7 +296,7 @@ class GenerateConfig:
     seed: int = 0
     graphs: bool = True  # replay each step as a CUDA graph (always eager on the CPU backend)
     compile: bool = False  # fuse the cached step's kernels with torch.compile before its capture (CUDA only)
-    kernels: bool = False  # the cached step as actors.decode_kernels' (float32: up to 4 rows; CUDA only)
+    kernels: bool = False  # the cached step as actors.decode_kernels' (float32: up to GEMV_MAX_ROWS; CUDA only)
     warmup_iters: int = 2  # eager steps per parity before a bucket's capture
     # (bucket, prompt length) pairs whose reset + prefill replay as a CUDA graph, each captured at its first
     # batch; later pairs run eagerly. 0: every prefill eager.
@@ -325,7 +331,7 @@ class DecodeStats:
 
     graphs: bool = False  # whether steps replay CUDA graphs
     compiled: bool = False  # whether the cached step runs torch.compile's fused kernels
-    kernels: bool = False  # whether cached steps run actors.decode_kernels (float32: up to 4 rows)
+    kernels: bool = False  # whether cached steps run actors.decode_kernels (float32: up to GEMV_MAX_ROWS)
     graphs_captured: int = 0  # the steps' (one per bucket and parity)
     prefill_graphs_captured: int = 0
     capture_seconds: float = 0.0

@@ -27,10 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-# The most rows a step runs as GEMVs; more run as tiles. Each GEMV program loops over the rows one by one,
-# so that step grows with them: GPT-2 small fp32 on an H100, device us a step, GEMVs against the compiled
-# model step: 2 rows 340 vs 810, 4 rows 635 vs 788, 8 rows 1,378 vs 1,077 (docs/results/decode_kernel_rows.json).
-GEMV_MAX_ROWS = 4
+from actors.decode import GEMV_MAX_ROWS
 
 
 @triton.jit

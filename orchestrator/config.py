@@ -16,6 +16,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from actors.decode import GEMV_MAX_ROWS
 from actors.engines import DEFAULT_MODEL, streams_needed
 from actors.pipeline import PipelineConfig
 from actors.streams import MAX_STREAMS_LIMIT
@@ -268,7 +269,7 @@ class DecodeConfig(_Strict):
                                              "(CUDA only; compiles once per batch-size bucket, needs a C compiler)")
     kernels: bool = Field(False, description="decode steps run hand-written Triton kernels "
                                              "(actors.decode_kernels; CUDA only; float32 weights: batch-size "
-                                             "buckets of up to 4 rows)")
+                                             f"buckets of up to {GEMV_MAX_ROWS} rows)")
     prefill_graphs: int = Field(8, ge=0, description="(batch-size bucket, prompt length) pairs whose step 0 "
                                                      "(reset + prefill) replays as a CUDA graph, each captured "
                                                      "at its first batch, up to 4,096 prompt tokens; 0: eager")

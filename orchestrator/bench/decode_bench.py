@@ -29,7 +29,7 @@ import statistics
 import numpy as np
 import torch
 
-from actors.decode import GPT2_SMALL, LOOPS, TINY_DECODER, Decoder, GenerateConfig, Generator
+from actors.decode import GEMV_MAX_ROWS, GPT2_SMALL, LOOPS, TINY_DECODER, Decoder, GenerateConfig, Generator
 from actors.models import DTYPES
 from actors.streams import StreamManager
 from orchestrator.bench.common import command_line, median_seconds, print_table, write_result
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", action="store_true",
                         help="fuse the cached step's kernels with torch.compile inside its CUDA graph")
     parser.add_argument("--kernels", action="store_true",
-                        help="the cached step as actors.decode_kernels' Triton kernels (float32: up to 4 rows; "
-                             "graphs too)")
+                        help=f"the cached step as actors.decode_kernels' Triton kernels (float32: up to "
+                             f"{GEMV_MAX_ROWS} rows; graphs too)")
     parser.add_argument("--naive-max-batch", type=int, default=None,
                         help="skip the naive loop above this batch size (its time grows with new_tokens^2)")
     parser.add_argument("--quick", action="store_true",
