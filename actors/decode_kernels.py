@@ -367,7 +367,7 @@ class KernelStep:
 
     def logits(self, tokens, pos, cache):
         """``Decoder.step(tokens, pos, cache)``: the logits ``(rows, vocab)``, float32 (a view of a buffer)."""
-        rows = self._layers(tokens, pos, cache, argmax=False)
+        rows, _ = self._layers(tokens, pos, cache, argmax=False)
         return self.vocab_logits[:rows]
 
     def greedy(self, tokens, pos, cache, finished, out, step, flag, pad: int, eos: int | None) -> None:
@@ -377,17 +377,15 @@ class KernelStep:
         column this step writes, ``flag`` whether every row has finished (one
         element each).
         """
-        rows = self._layers(tokens, pos, cache, argmax=True)
-        head = "head" if rows <= GEMV_MAX_ROWS else "head tiles"
-        parts = triton.cdiv(self.model.shape.vocab_size, self.configs[head][0])  # the head's programs a row
+        rows, parts = self._layers(tokens, pos, cache, argmax=True)
         greedy_advance_kernel[(1,)](
             self.best, self.best_index, tokens, pos, finished, out, step, flag, pad, -1 if eos is None else eos,
             out.stride(0), PARTS=parts, BLOCK=triton.next_power_of_2(parts), EOS=eos is not None,
             ROWS=rows, ROW_BLOCK=min(triton.next_power_of_2(rows), 16), PDL=self.pdl, num_warps=4,
             launch_pdl=self.pdl)
 
-    def _layers(self, tokens, pos, cache, argmax: bool) -> int:
-        """The kernels up to the head's logits (and their per-program maxima); returns the rows."""
+    def _layers(self, tokens, pos, cache, argmax: bool) -> tuple[int, int]:
+        """The kernels up to the head's logits (and their per-program maxima); returns the rows and the maxima a row."""
         rows = tokens.shape[0]
         if not 1 <= rows <= self.max_rows:
             raise ValueError(f"this KernelStep runs 1 to {self.max_rows} rows, got {rows}")
@@ -408,17 +406,19 @@ class KernelStep:
             self._product("proj", rows, self.part_m, block.attn.proj, self.x, residual=True, attention=True)
             self._product("fc", rows, self.x, block.mlp[0], self.h, ln=block.ln_2, gelu=True)
             self._product("proj2", rows, self.h, block.mlp[2], self.x, residual=True)
-        self._product("head", rows, self.x, m.lm_head, self.vocab_logits, ln=m.ln_f, argmax=argmax)
-        return rows
+        parts = self._product("head", rows, self.x, m.lm_head, self.vocab_logits, ln=m.ln_f, argmax=argmax)
+        return rows, parts
 
     def _product(self, name, rows, x, linear, out, ln=None, gelu=False, residual=False, cache=None, pos=None,
-                 attention=False, argmax=False) -> None:
-        """One product of the step: GEMVs up to ``GEMV_MAX_ROWS`` rows; past that, its input then tiles."""
+                 attention=False, argmax=False) -> int:
+        """One product of the step: GEMVs up to ``GEMV_MAX_ROWS`` rows; past that, its input then tiles.
+
+        Returns its programs along the features: with ``argmax``, the maxima a row.
+        """
         n, k = linear.weight.shape
-        bias = linear.bias
         keys, values = cache if cache is not None else (out, out)
         # A pointer the flags leave unread gets any tensor.
-        bias = bias if bias is not None else linear.weight
+        bias = linear.bias if linear.bias is not None else linear.weight
         pos = pos if pos is not None else x
         ln_w, ln_b, eps = (ln.weight, ln.bias, ln.eps) if ln is not None else (x, x, 0.0)
         shared = dict(BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=cache is not None,
@@ -426,11 +426,12 @@ class KernelStep:
                       launch_pdl=self.pdl)
         if rows <= GEMV_MAX_ROWS:
             block_n, warps = self.configs[name]
-            gemv_kernel[(triton.cdiv(n, block_n),)](
+            programs = triton.cdiv(n, block_n)
+            gemv_kernel[(programs,)](
                 x, linear.weight, bias, out, ln_w, ln_b, keys, values, pos, self.part_l, self.part_acc, self.best,
                 self.best_index, eps, n, K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, LN=ln is not None,
                 ATTENTION=attention, CHUNKS=self.chunks, num_warps=warps, **shared)
-            return
+            return programs
         if ln is not None or attention:
             input_kernel[(rows,)](x, ln_w, ln_b, self.part_l, self.part_acc, self.inputs, eps, K=k,
                                   K_POW2=triton.next_power_of_2(k), LN=ln is not None, ATTENTION=attention, D=self.d,
@@ -438,6 +439,8 @@ class KernelStep:
             x = self.inputs
         block_n, block_k, warps, stages = self.configs[f"{name} tiles"]
         block_m = min(self.configs["block_m"], max(16, triton.next_power_of_2(rows)))
-        tiled_kernel[(triton.cdiv(n, block_n), triton.cdiv(rows, block_m))](
+        programs = triton.cdiv(n, block_n)
+        tiled_kernel[(programs, triton.cdiv(rows, block_m))](
             x, linear.weight, bias, out, keys, values, pos, self.best, self.best_index, n, K=k, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=self.precision, num_warps=warps, num_stages=stages, **shared)
+        return programs
