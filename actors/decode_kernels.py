@@ -66,21 +66,17 @@ def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, D: tl.constexpr, BLO
 @triton.jit
 def _merged_attention(part_m_ptr, part_l_ptr, part_acc_ptr, rk, k_mask,
                       HD: tl.constexpr, CHUNKS: tl.constexpr):
-    """Features ``rk`` of the attention output: each head's chunk partials merged (softmax over all chunks).
-
-    Loaded past L1 (``.cg``): in ``attention_proj_kernel`` other programs of the same launch wrote them.
-    """
+    """Features ``rk`` of the attention output: each head's chunk partials merged (softmax over all chunks)."""
     head = rk // HD
     m = tl.full(rk.shape, float("-inf"), tl.float32)
     for c in tl.static_range(CHUNKS):
-        m = tl.maximum(m, tl.load(part_m_ptr + head * CHUNKS + c, mask=k_mask, other=0.0, cache_modifier=".cg"))
+        m = tl.maximum(m, tl.load(part_m_ptr + head * CHUNKS + c, mask=k_mask, other=0.0))
     total = tl.zeros(rk.shape, tl.float32)
     acc = tl.zeros(rk.shape, tl.float32)
     for c in tl.static_range(CHUNKS):
-        weight = tl.exp(tl.load(part_m_ptr + head * CHUNKS + c, mask=k_mask, other=0.0, cache_modifier=".cg") - m)
-        total += weight * tl.load(part_l_ptr + head * CHUNKS + c, mask=k_mask, other=0.0, cache_modifier=".cg")
-        acc += weight * tl.load(part_acc_ptr + (head * CHUNKS + c) * HD + rk % HD, mask=k_mask, other=0.0,
-                                cache_modifier=".cg")
+        weight = tl.exp(tl.load(part_m_ptr + head * CHUNKS + c, mask=k_mask, other=0.0) - m)
+        total += weight * tl.load(part_l_ptr + head * CHUNKS + c, mask=k_mask, other=0.0)
+        acc += weight * tl.load(part_acc_ptr + (head * CHUNKS + c) * HD + rk % HD, mask=k_mask, other=0.0)
     return tl.where(k_mask, acc / total, 0.0)  # the padding features: 0, not 0 / 0
 
 
@@ -105,53 +101,23 @@ def _row_input(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, eps, row, rk
 
 
 @triton.jit
-def _arrive(counter_ptr):
-    """Count this program in at ``counter``, after all its threads' stores (release)."""
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _await_arrivals(counter_ptr, arrivals):
-    """Wait until ``arrivals`` programs have arrived at ``counter``; then count this waiter in too (acquire).
-
-    Returns the waiters counted before this one, for ``_reset_after_waiters``.
-    """
-    while tl.load(counter_ptr, volatile=True) < arrivals:  # polls L2 with plain loads, not atomics
-        pass
-    waiters = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") - arrivals
-    tl.debug_barrier()  # every thread's loads after the acquire
-    return waiters
-
-
-@triton.jit
-def _reset_after_waiters(counter_ptr, waiters, programs):
-    """The last of ``programs`` waiters zeroes the counter: every waiter has passed it, and the next launch
-    that arrives there starts after this one has finished."""
-    if waiters == programs - 1:
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _gemv(program, programs, x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr,
-          part_l_ptr, part_acc_ptr, best_ptr, best_index_ptr, counter_ptr, arrivals, eps, N,
-          K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
-          LN: tl.constexpr, ATTENTION: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr,
-          RESIDUAL: tl.constexpr, QKV: tl.constexpr, ARGMAX: tl.constexpr,
-          D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, CHUNKS: tl.constexpr, ROWS: tl.constexpr,
-          AWAIT: tl.constexpr, PDL: tl.constexpr):
-    """out[r, n] (+)= act(sum_k input[r, k] * w[n, k] + b[n]) for program ``program``'s BLOCK_N features, rows r < ROWS.
+def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr,
+                part_l_ptr, part_acc_ptr, best_ptr, best_index_ptr, eps, N,
+                K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
+                LN: tl.constexpr, ATTENTION: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr,
+                RESIDUAL: tl.constexpr, QKV: tl.constexpr, ARGMAX: tl.constexpr,
+                D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, CHUNKS: tl.constexpr, ROWS: tl.constexpr,
+                PDL: tl.constexpr):
+    """out[r, n] (+)= act(sum_k input[r, k] * w[n, k] + b[n]) for this program's BLOCK_N features, rows r < ROWS.
 
     input: x, LN(x), or (ATTENTION) the attention merged from its partials
     (``x_ptr`` holds the chunk maxima). QKV: features [0, D) go to ``out``
     (the query), [D, 2D) and [2D, 3D) to the key and value caches
     (rows, heads, L, HD) at position ``pos``. ARGMAX: also this program's
     largest output of each row and its feature (the first, on ties), for
-    ``greedy_advance_kernel``. AWAIT: the input is ready once ``arrivals``
-    programs have arrived at ``counter`` (``attention_proj_kernel``). Rows are
-    contiguous in every buffer.
+    ``greedy_advance_kernel``. Rows are contiguous in every buffer.
     """
-    rn = program * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rk = tl.arange(0, K_POW2)
     k_mask = rk < K
@@ -162,8 +128,6 @@ def _gemv(program, programs, x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k
     if QKV:
         pos = tl.load(pos_ptr)  # written by the previous step, which has finished (see KernelStep._layers)
     _await_previous_kernel(PDL)
-    if AWAIT:
-        waiters = _await_arrivals(counter_ptr, arrivals)
     for row in tl.static_range(ROWS):  # the weight tile stays in hand from row to row
         if RESIDUAL:  # loaded with the input, not after the product
             residual = tl.load(out_ptr + row * N + rn, mask=n_mask, other=0.0)
@@ -186,25 +150,9 @@ def _gemv(program, programs, x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k
         if ARGMAX:
             best, where = tl.max(tl.where(n_mask, y, float("-inf")), axis=0, return_indices=True,
                                  return_indices_tie_break_left=True)
-            part = row * programs + program
+            part = row * tl.num_programs(0) + tl.program_id(0)
             tl.store(best_ptr + part, best)
-            tl.store(best_index_ptr + part, program * BLOCK_N + where)
-    if AWAIT:
-        _reset_after_waiters(counter_ptr, waiters, programs)
-
-
-@triton.jit
-def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, pos_ptr,
-                part_l_ptr, part_acc_ptr, best_ptr, best_index_ptr, eps, N,
-                K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
-                LN: tl.constexpr, ATTENTION: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr,
-                RESIDUAL: tl.constexpr, QKV: tl.constexpr, ARGMAX: tl.constexpr,
-                D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, CHUNKS: tl.constexpr, ROWS: tl.constexpr,
-                PDL: tl.constexpr):
-    """``_gemv``, a program per BLOCK_N features."""
-    _gemv(tl.program_id(0), tl.num_programs(0), x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr,
-          pos_ptr, part_l_ptr, part_acc_ptr, best_ptr, best_index_ptr, best_ptr, 0, eps, N, K, K_POW2, BLOCK_N, LN,
-          ATTENTION, BIAS, GELU, RESIDUAL, QKV, ARGMAX, D, HD, L, CHUNKS, ROWS, False, PDL)
+            tl.store(best_index_ptr + part, tl.program_id(0) * BLOCK_N + where)
 
 
 @triton.jit
@@ -275,8 +223,8 @@ def tiled_kernel(x_ptr, w_ptr, b_ptr, out_ptr, k_ptr, v_ptr, pos_ptr, best_ptr, 
 
 
 @triton.jit
-def _attention_chunk(head, chunk, row, heads, q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, pos_ptr,
-                     scale, L: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
+def attention_kernel(q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, pos_ptr, scale,
+                     L: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
                      PDL: tl.constexpr):
     """One head's chunk of positions up to ``pos`` in one row: its score maximum, sum of exp and exp-weighted values.
 
@@ -285,6 +233,10 @@ def _attention_chunk(head, chunk, row, heads, q_ptr, k_ptr, v_ptr, part_m_ptr, p
     ``KernelStep._layers``); the row at ``pos``, which the qkv kernel just
     wrote, after it.
     """
+    head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    row = tl.program_id(2)
+    heads = tl.num_programs(0)
     pos = tl.load(pos_ptr)
     rl = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
     d = tl.arange(0, HD)
@@ -305,42 +257,6 @@ def _attention_chunk(head, chunk, row, heads, q_ptr, k_ptr, v_ptr, part_m_ptr, p
     tl.store(part_m_ptr + part, m)
     tl.store(part_l_ptr + part, tl.sum(p))
     tl.store(part_acc_ptr + part * HD + d, tl.sum(p[:, None] * v, axis=0))
-
-
-@triton.jit
-def attention_kernel(q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, pos_ptr, scale,
-                     L: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
-                     PDL: tl.constexpr):
-    """``_attention_chunk``, a program per (head, chunk, row)."""
-    _attention_chunk(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), q_ptr, k_ptr, v_ptr,
-                     part_m_ptr, part_l_ptr, part_acc_ptr, pos_ptr, scale, L, HD, BLOCK_L, CHUNKS, PDL)
-
-
-@triton.jit
-def attention_proj_kernel(q_ptr, k_ptr, v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, pos_ptr, scale, counter_ptr,
-                          w_ptr, b_ptr, x_ptr, N, HEADS: tl.constexpr, L: tl.constexpr, HD: tl.constexpr,
-                          BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BIAS: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
-    """The attention and the output projection (+ residual into ``x``) in one launch, up to ``GEMV_MAX_ROWS`` rows.
-
-    The first HEADS x CHUNKS x ROWS programs are ``attention_kernel``'s; each
-    arrives at ``counter`` when its partials are stored. The others are the
-    projection's GEMVs, which load their weights with the attention's cache
-    reads and wait on the counter, not on a kernel boundary. The waiters are
-    fewer than an H100's SMs and come after every attention program in launch
-    order, so a waiter never keeps an attention program from running.
-    """
-    ATTENTION_PROGRAMS: tl.constexpr = HEADS * CHUNKS * ROWS
-    program = tl.program_id(0)
-    if program < ATTENTION_PROGRAMS:
-        _attention_chunk(program % HEADS, program // HEADS % CHUNKS, program // (HEADS * CHUNKS), HEADS, q_ptr, k_ptr,
-                         v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, pos_ptr, scale, L, HD, BLOCK_L, CHUNKS, PDL)
-        _arrive(counter_ptr)
-    else:
-        _gemv(program - ATTENTION_PROGRAMS, tl.num_programs(0) - ATTENTION_PROGRAMS, part_m_ptr, w_ptr, b_ptr, x_ptr,
-              x_ptr, x_ptr, x_ptr, x_ptr, pos_ptr, part_l_ptr, part_acc_ptr, x_ptr, x_ptr, counter_ptr,
-              ATTENTION_PROGRAMS, 0.0, N, K, K_POW2, BLOCK_N, False, True, BIAS, False, True, False, False,
-              HEADS * HD, HD, L, CHUNKS, ROWS, True, PDL)
 
 
 @triton.jit
@@ -390,9 +306,9 @@ _TILES = {"qkv tiles": (32, 128, 4, 3), "proj tiles": (16, 128, 4, 3), "fc tiles
           "proj2 tiles": (16, 256, 4, 3), "head tiles": (64, 128, 4, 3), "block_m": 64}
 CONFIGS = {
     torch.float32: {"qkv": (4, 1), "proj": (8, 4), "fc": (8, 2), "proj2": (2, 8), "head": (16, 4),
-                    "attention": (16, 2), "attention+proj": True, **_TILES},
+                    "attention": (16, 2), **_TILES},
     torch.bfloat16: {"qkv": (4, 1), "proj": (16, 4), "fc": (8, 1), "proj2": (4, 8), "head": (16, 4),
-                     "attention": (64, 2), "attention+proj": True, **_TILES},
+                     "attention": (64, 2), **_TILES},
 }
 
 
@@ -448,8 +364,6 @@ class KernelStep:
         self.vocab_logits = torch.empty(rows, shape.vocab_size, **f32)
         self.best = torch.empty(rows, parts, **f32)
         self.best_index = torch.empty(rows, parts, dtype=torch.long, device=device)
-        # attention_proj_kernel's count of finished attention programs; its last waiter zeroes it.
-        self.arrivals = torch.zeros(1, dtype=torch.int32, device=device)
 
     def logits(self, tokens, pos, cache):
         """``Decoder.step(tokens, pos, cache)``: the logits ``(rows, vocab)``, float32 (a view of a buffer)."""
@@ -485,22 +399,11 @@ class KernelStep:
                               BLOCK_D=triton.next_power_of_2(self.d), PDL=self.pdl, launch_pdl=False)
         for block, (keys, values) in zip(m.blocks, cache.layers):
             self._product("qkv", rows, self.x, block.attn.qkv, self.q, ln=block.ln_1, cache=(keys, values), pos=pos)
-            heads, proj = block.attn.n_head, block.attn.proj
-            if rows <= GEMV_MAX_ROWS and self.configs["attention+proj"]:
-                block_n, proj_warps = self.configs["proj"]
-                n, k = proj.weight.shape
-                attention_proj_kernel[(heads * self.chunks * rows + triton.cdiv(n, block_n),)](
-                    self.q, keys, values, self.part_m, self.part_l, self.part_acc, pos, block.attn.scale,
-                    self.arrivals, proj.weight, proj.bias if proj.bias is not None else proj.weight, self.x, n,
-                    HEADS=heads, L=self.length, HD=self.hd, BLOCK_L=block_l, CHUNKS=self.chunks, K=k,
-                    K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, BIAS=proj.bias is not None, ROWS=rows,
-                    PDL=self.pdl, num_warps=proj_warps, launch_pdl=self.pdl)
-            else:
-                attention_kernel[(heads, self.chunks, rows)](
-                    self.q, keys, values, self.part_m, self.part_l, self.part_acc, pos, block.attn.scale,
-                    L=self.length, HD=self.hd, BLOCK_L=block_l, CHUNKS=self.chunks, PDL=self.pdl, num_warps=warps,
-                    launch_pdl=self.pdl)
-                self._product("proj", rows, self.part_m, proj, self.x, residual=True, attention=True)
+            attention_kernel[(block.attn.n_head, self.chunks, rows)](
+                self.q, keys, values, self.part_m, self.part_l, self.part_acc, pos, block.attn.scale,
+                L=self.length, HD=self.hd, BLOCK_L=block_l, CHUNKS=self.chunks, PDL=self.pdl, num_warps=warps,
+                launch_pdl=self.pdl)
+            self._product("proj", rows, self.part_m, block.attn.proj, self.x, residual=True, attention=True)
             self._product("fc", rows, self.x, block.mlp[0], self.h, ln=block.ln_2, gelu=True)
             self._product("proj2", rows, self.h, block.mlp[2], self.x, residual=True)
         parts = self._product("head", rows, self.x, m.lm_head, self.vocab_logits, ln=m.ln_f, argmax=argmax)

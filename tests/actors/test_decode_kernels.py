@@ -54,7 +54,6 @@ LOGITS = PRELUDE + textwrap.dedent("""
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             assert want.std() > 0.1
             token, pos = want.argmax(-1), pos + 1
-    assert int(step.arrivals) == 0  # attention_proj_kernel's last waiter zeroed its counter for the next launch
     torch.testing.assert_close(got_cache.keys, want_cache.keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_cache.values, want_cache.values, rtol=1e-5, atol=1e-5)
     print("ok")

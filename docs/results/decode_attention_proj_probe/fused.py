@@ -26,13 +26,26 @@ from actors.streams import StreamManager
 
 ROWS, PROMPT, NEW = 1, 16, 256
 VARIANTS = {"separate": {"attention+proj": False}, "one launch": {},
-            "one launch, attention 16": {"attention": (16, 2)}, "one launch, attention 32": {"attention": (32, 2)},
+            "separate, attention 32": {"attention+proj": False, "attention": (32, 2)},
+            "one launch, attention 32": {"attention": (32, 2)},
+            "separate, attention 64": {"attention+proj": False, "attention": (64, 2)},
             "one launch, attention 64": {"attention": (64, 2)}}
+# With KERNELS_BEFORE=path/to/decode_kernels.py (the module at an earlier commit): its KernelStep at its defaults.
+BEFORE = os.environ.get("KERNELS_BEFORE")
+if BEFORE:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kernels_before", BEFORE)
+    kernels_before = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels_before)
+    VARIANTS = {"before": None, **VARIANTS}
 
 
 def generator(model, streams, overrides):
     gen = Generator(model, streams, GenerateConfig(max_batch=ROWS, max_seq_len=PROMPT + NEW, kernels=True))
-    gen._kernel_step = KernelStep(model, ROWS, PROMPT + NEW, pdl=True, configs=overrides)
+    if overrides is None:
+        gen._kernel_step = kernels_before.KernelStep(model, ROWS, PROMPT + NEW, pdl=True)
+    else:
+        gen._kernel_step = KernelStep(model, ROWS, PROMPT + NEW, pdl=True, configs=overrides)
     return gen
 
 
@@ -56,8 +69,9 @@ def run_dtype(dtype, rounds, streams):
         finally:
             gen.close()
         print(dtype, name, "device us", round(bounds[name], 1), flush=True)
-    fastest = min((n for n in bounds if n != "separate"), key=bounds.get)
-    gens = {n: generator(model, streams, VARIANTS[n]) for n in ("separate", fastest)}
+    fastest = min((n for n in bounds if n.startswith("one launch")), key=bounds.get)
+    compared = ("before",) * bool(BEFORE) + ("separate", fastest)
+    gens = {n: generator(model, streams, VARIANTS[n]) for n in compared}
     try:
         tokens = {n: {loop: gen.generate(x, NEW, loop).tokens for loop in ("synced", "interleaved")}
                   for n, gen in gens.items()}
