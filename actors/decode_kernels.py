@@ -64,31 +64,41 @@ def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, D: tl.constexpr, BLO
 
 
 @triton.jit
-def _merged_attention(part_m_ptr, part_l_ptr, part_acc_ptr, rk, k_mask,
+def _merged_attention(part_m_ptr, part_l_ptr, part_acc_ptr, K: tl.constexpr, K_POW2: tl.constexpr,
                       HD: tl.constexpr, CHUNKS: tl.constexpr):
-    """Features ``rk`` of the attention output: each head's chunk partials merged (softmax over all chunks)."""
-    head = rk // HD
-    m = tl.full(rk.shape, float("-inf"), tl.float32)
+    """The attention output, features [0, K_POW2) (0 past K): each head's chunk partials merged (softmax over all
+    chunks).
+
+    Held as (heads, HD), so each head's chunk maximum and sum are loaded once,
+    not once per feature: with one load per feature and chunk each, they were
+    most of the merge's loads, and the merge runs in every program of the
+    projection (docs/results/decode_merge_probe).
+    """
+    HEADS: tl.constexpr = K_POW2 // HD  # both powers of two: row h of (HEADS, HD) is features [h HD, (h + 1) HD)
+    head = tl.arange(0, HEADS)[:, None]
+    live = head < K // HD
+    m = tl.full([HEADS, 1], float("-inf"), tl.float32)
     for c in tl.static_range(CHUNKS):
-        m = tl.maximum(m, tl.load(part_m_ptr + head * CHUNKS + c, mask=k_mask, other=0.0))
-    total = tl.zeros(rk.shape, tl.float32)
-    acc = tl.zeros(rk.shape, tl.float32)
+        m = tl.maximum(m, tl.load(part_m_ptr + head * CHUNKS + c, mask=live, other=0.0))
+    total = tl.zeros([HEADS, 1], tl.float32)
+    acc = tl.zeros([HEADS, HD], tl.float32)
     for c in tl.static_range(CHUNKS):
-        weight = tl.exp(tl.load(part_m_ptr + head * CHUNKS + c, mask=k_mask, other=0.0) - m)
-        total += weight * tl.load(part_l_ptr + head * CHUNKS + c, mask=k_mask, other=0.0)
-        acc += weight * tl.load(part_acc_ptr + (head * CHUNKS + c) * HD + rk % HD, mask=k_mask, other=0.0)
-    return tl.where(k_mask, acc / total, 0.0)  # the padding features: 0, not 0 / 0
+        weight = tl.exp(tl.load(part_m_ptr + head * CHUNKS + c, mask=live, other=0.0) - m)
+        total += weight * tl.load(part_l_ptr + head * CHUNKS + c, mask=live, other=0.0)
+        acc += weight * tl.load(part_acc_ptr + (head * CHUNKS + c) * HD + tl.arange(0, HD)[None, :], mask=live,
+                                other=0.0)
+    return tl.reshape(tl.where(live, acc / total, 0.0), [K_POW2])  # the padding heads: 0, not 0 / 0
 
 
 @triton.jit
 def _row_input(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, eps, row, rk, k_mask,
-               K: tl.constexpr, LN: tl.constexpr, ATTENTION: tl.constexpr, D: tl.constexpr, HD: tl.constexpr,
-               CHUNKS: tl.constexpr):
-    """Features ``rk`` of a product's input in row ``row``, float32: x, LN(x), or (ATTENTION) the attention
-    merged from its partials (``x_ptr`` holds the chunk maxima)."""
+               K: tl.constexpr, K_POW2: tl.constexpr, LN: tl.constexpr, ATTENTION: tl.constexpr, D: tl.constexpr,
+               HD: tl.constexpr, CHUNKS: tl.constexpr):
+    """Features ``rk`` (``tl.arange(0, K_POW2)``) of a product's input in row ``row``, float32: x, LN(x), or
+    (ATTENTION) the attention merged from its partials (``x_ptr`` holds the chunk maxima)."""
     if ATTENTION:
         parts = row * (D // HD) * CHUNKS
-        x = _merged_attention(x_ptr + parts, part_l_ptr + parts, part_acc_ptr + parts * HD, rk, k_mask, HD, CHUNKS)
+        x = _merged_attention(x_ptr + parts, part_l_ptr + parts, part_acc_ptr + parts * HD, K, K_POW2, HD, CHUNKS)
     else:
         x = tl.load(x_ptr + row * K + rk, mask=k_mask, other=0.0).to(tl.float32)
     if LN:
@@ -131,8 +141,8 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
     for row in tl.static_range(ROWS):  # the weight tile stays in hand from row to row
         if RESIDUAL:  # loaded with the input, not after the product
             residual = tl.load(out_ptr + row * N + rn, mask=n_mask, other=0.0)
-        x = _row_input(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, eps, row, rk, k_mask, K, LN, ATTENTION,
-                       D, HD, CHUNKS)
+        x = _row_input(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, eps, row, rk, k_mask, K, K_POW2, LN,
+                       ATTENTION, D, HD, CHUNKS)
         y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) + b
         if GELU:
             y = _gelu_tanh(y)
@@ -164,8 +174,8 @@ def input_kernel(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, out_ptr, e
     row = tl.program_id(0)
     rk = tl.arange(0, K_POW2)
     k_mask = rk < K
-    x = _row_input(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, eps, row, rk, k_mask, K, LN, ATTENTION, D,
-                   HD, CHUNKS)
+    x = _row_input(x_ptr, ln_w_ptr, ln_b_ptr, part_l_ptr, part_acc_ptr, eps, row, rk, k_mask, K, K_POW2, LN,
+                   ATTENTION, D, HD, CHUNKS)
     tl.store(out_ptr + row * K + rk, x.to(out_ptr.dtype.element_ty), mask=k_mask)
 
 
