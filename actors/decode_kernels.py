@@ -311,14 +311,15 @@ def greedy_advance_kernel(best_ptr, best_index_ptr, tokens_ptr, pos_ptr, finishe
 # graphed, per candidate (docs/results/decode_tuning_probe; timing each kernel alone chose slower steps).
 # Tiles: (block_n, block_k, num_warps, num_stages) per product ("... tiles"), and the most rows a tile
 # takes ("block_m"; fewer rows take the next power of two, at least 16, tl.dot's least). Any shape runs
-# with them; other shapes may have faster ones. Float32's attention took 16 positions a program until the
-# merge went per head; since then 64 has been the fastest (docs/results/decode_merge_probe).
+# with them; other shapes may have faster ones. Re-chosen once the merge went per head: float32's attention
+# 64 positions, not 16 (docs/results/decode_merge_probe); proj2 at 4 warps, bf16's proj at 8
+# (docs/results/decode_sweep_probe).
 _TILES = {"qkv tiles": (32, 128, 4, 3), "proj tiles": (16, 128, 4, 3), "fc tiles": (32, 128, 4, 3),
           "proj2 tiles": (16, 256, 4, 3), "head tiles": (64, 128, 4, 3), "block_m": 64}
 CONFIGS = {
-    torch.float32: {"qkv": (4, 1), "proj": (8, 4), "fc": (8, 2), "proj2": (2, 8), "head": (16, 4),
+    torch.float32: {"qkv": (4, 1), "proj": (8, 4), "fc": (8, 2), "proj2": (2, 4), "head": (16, 4),
                     "attention": (64, 2), **_TILES},
-    torch.bfloat16: {"qkv": (4, 1), "proj": (16, 4), "fc": (8, 1), "proj2": (4, 8), "head": (16, 4),
+    torch.bfloat16: {"qkv": (4, 1), "proj": (16, 8), "fc": (8, 1), "proj2": (4, 4), "head": (16, 4),
                      "attention": (64, 2), **_TILES},
 }
 
