@@ -370,7 +370,7 @@ class KernelStep:
         self.part_m = torch.empty(rows, heads, self.chunks, **f32)
         self.part_l = torch.empty(rows, heads, self.chunks, **f32)
         self.part_acc = torch.empty(rows, heads, self.chunks, self.hd, **f32)
-        self.h = torch.empty(rows, 4 * self.d, **f32)
+        self.h = torch.empty(rows, model.blocks[0].mlp[0].out_features, **f32)  # the MLP's hidden width
         # A tiled product's input (a layer norm, the merged attention), in the weights' dtype.
         self.inputs = torch.empty(rows, self.d, dtype=dtype, device=device)
         self.vocab_logits = torch.empty(rows, shape.vocab_size, **f32)
