@@ -58,6 +58,10 @@ def variants(most: int) -> list[Variant]:
     for frac in (0.5, 0.75, 1.0, 1.25):
         out.append(Variant(f"head {frac} x set-aside", {"l2 keep": {"head": int(frac * most)}},
                            lambda: set_aside(most)))
+    out.append(Variant("set-aside only", {}, lambda: set_aside(most)))
+    for size in (8 * mb, 16 * mb):
+        out.append(Variant(f"head {size // mb} MB, set-aside {size // mb} MB", {"l2 keep": {"head": size}},
+                           lambda size=size: set_aside(size)))
     out.append(Variant("fc 2 MB a layer", {"l2 keep": {"fc": 2 * mb}}, lambda: set_aside(most)))
     out.append(Variant("qkv 1 MB, fc 1 MB a layer", {"l2 keep": {"qkv": mb, "fc": mb}}, lambda: set_aside(most)))
     return out
