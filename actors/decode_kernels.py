@@ -117,7 +117,7 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
                 LN: tl.constexpr, ATTENTION: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr,
                 RESIDUAL: tl.constexpr, QKV: tl.constexpr, ARGMAX: tl.constexpr,
                 D: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, CHUNKS: tl.constexpr, ROWS: tl.constexpr,
-                KEEP: tl.constexpr, PDL: tl.constexpr):
+                PDL: tl.constexpr):
     """out[r, n] (+)= act(sum_k input[r, k] * w[n, k] + b[n]) for this program's BLOCK_N features, rows r < ROWS.
 
     input: x, LN(x), or (ATTENTION) the attention merged from its partials
@@ -125,19 +125,13 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ln_w_ptr, ln_b_ptr, k_ptr, v_ptr, 
     (the query), [D, 2D) and [2D, 3D) to the key and value caches
     (rows, heads, L, HD) at position ``pos``. ARGMAX: also this program's
     largest output of each row and its feature (the first, on ties), for
-    ``greedy_advance_kernel``. Rows are contiguous in every buffer. The first
-    KEEP programs load their weights as L2 evict-last (see ``l2 keep``).
+    ``greedy_advance_kernel``. Rows are contiguous in every buffer.
     """
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rk = tl.arange(0, K_POW2)
     k_mask = rk < K
-    w_ptrs = w_ptr + rn[:, None] * K + rk[None, :]
-    w_mask = n_mask[:, None] & k_mask[None, :]
-    if tl.program_id(0) < KEEP:
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0, eviction_policy="evict_last")
-    else:
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
     b = 0.0  # no bias: adding 0 changes nothing
     if BIAS:
         b = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -321,7 +315,7 @@ def greedy_advance_kernel(best_ptr, best_index_ptr, tokens_ptr, pos_ptr, finishe
 # 64 positions, not 16 (docs/results/decode_merge_probe); proj2 at 4 warps, bf16's proj at 8
 # (docs/results/decode_sweep_probe).
 _TILES = {"qkv tiles": (32, 128, 4, 3), "proj tiles": (16, 128, 4, 3), "fc tiles": (32, 128, 4, 3),
-          "proj2 tiles": (16, 256, 4, 3), "head tiles": (64, 128, 4, 3), "block_m": 64, "l2 keep": {}}
+          "proj2 tiles": (16, 256, 4, 3), "head tiles": (64, 128, 4, 3), "block_m": 64}
 CONFIGS = {
     torch.float32: {"qkv": (4, 1), "proj": (8, 4), "fc": (8, 2), "proj2": (2, 4), "head": (16, 4),
                     "attention": (64, 2), **_TILES},
@@ -445,11 +439,10 @@ class KernelStep:
         if rows <= GEMV_MAX_ROWS:
             block_n, warps = self.configs[name]
             programs = triton.cdiv(n, block_n)
-            keep = int(self.configs["l2 keep"].get(name, 0)) // (block_n * k * linear.weight.element_size())
             gemv_kernel[(programs,)](
                 x, linear.weight, bias, out, ln_w, ln_b, keys, values, pos, self.part_l, self.part_acc, self.best,
                 self.best_index, eps, n, K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, LN=ln is not None,
-                ATTENTION=attention, CHUNKS=self.chunks, KEEP=keep, num_warps=warps, **shared)
+                ATTENTION=attention, CHUNKS=self.chunks, num_warps=warps, **shared)
             return programs
         if ln is not None or attention:
             input_kernel[(rows,)](x, ln_w, ln_b, self.part_l, self.part_acc, self.inputs, eps, K=k,
