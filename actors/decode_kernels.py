@@ -315,8 +315,7 @@ def greedy_advance_kernel(best_ptr, best_index_ptr, tokens_ptr, pos_ptr, finishe
 # 64 positions, not 16 (docs/results/decode_merge_probe); proj2 at 4 warps, bf16's proj at 8
 # (docs/results/decode_sweep_probe).
 _TILES = {"qkv tiles": (32, 128, 4, 3), "proj tiles": (16, 128, 4, 3), "fc tiles": (32, 128, 4, 3),
-          "proj2 tiles": (16, 256, 4, 3), "head tiles": (64, 128, 4, 3), "block_m": 64,
-          "gemv rows": GEMV_MAX_ROWS}
+          "proj2 tiles": (16, 256, 4, 3), "head tiles": (64, 128, 4, 3), "block_m": 64}
 CONFIGS = {
     torch.float32: {"qkv": (4, 1), "proj": (8, 4), "fc": (8, 2), "proj2": (2, 4), "head": (16, 4),
                     "attention": (64, 2), **_TILES},
@@ -437,7 +436,7 @@ class KernelStep:
         shared = dict(BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=cache is not None,
                       ARGMAX=argmax, D=self.d, HD=self.hd, L=self.length, ROWS=rows, PDL=self.pdl,
                       launch_pdl=self.pdl)
-        if rows <= self.configs["gemv rows"]:
+        if rows <= GEMV_MAX_ROWS:
             block_n, warps = self.configs[name]
             programs = triton.cdiv(n, block_n)
             gemv_kernel[(programs,)](
