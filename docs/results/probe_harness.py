@@ -1,8 +1,10 @@
 """What the decode probes share: a one-row kernel generator, its device bound, and variants timed side by side.
 
 A variant is a name, the ``KernelStep`` settings it runs with (``configs``
-overrides) and a ``setup`` called before each of its runs (for process-wide
-state, such as the L2 set-aside). Side by side means alternating rounds of
+overrides), a ``setup`` called before each of its runs (for process-wide
+state, such as the L2 set-aside) and the step class (``step``: another
+module's ``KernelStep``, for kernels changed in the probe; by default the
+product's). Side by side means alternating rounds of
 synced and interleaved calls and the device bound, medians, with the tokens of
 every variant compared with the first's.
 """
@@ -29,6 +31,7 @@ class Variant:
     name: str
     configs: dict = field(default_factory=dict)
     setup: Callable[[], None] = lambda: None
+    step: type = KernelStep
 
 
 def model_and_prompts(dtype: torch.dtype, rows: int = 1):
@@ -39,7 +42,7 @@ def model_and_prompts(dtype: torch.dtype, rows: int = 1):
 
 def generator(model, streams, variant: Variant, rows: int = 1) -> Generator:
     gen = Generator(model, streams, GenerateConfig(max_batch=rows, max_seq_len=PROMPT + NEW, kernels=True))
-    gen._kernel_step = KernelStep(model, rows, PROMPT + NEW, pdl=True, configs=variant.configs)
+    gen._kernel_step = variant.step(model, rows, PROMPT + NEW, pdl=True, configs=variant.configs)
     return gen
 
 
