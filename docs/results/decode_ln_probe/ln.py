@@ -12,7 +12,8 @@ variance is E[x^2] - mean^2. Variants, as copies of the working tree's
 ``actors/decode_kernels.py`` changed by text:
 - ``folded``: the above, in ``gemv_kernel`` (tiles unchanged);
 - ``no statistics``: the norm without its mean and variance (x g + beta): the
-  wrong answer, but how fast the input could be with no statistics at all.
+  wrong answer, but how fast the input could be with no statistics at all;
+- ``copy, unchanged``: the copy with no edits, a control of the copying.
 
 Per dtype: each variant's device bound (median of 3, two alternating
 passes), then base and folded side by side (tokens compared).
@@ -84,7 +85,8 @@ def main():
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     dtypes = sys.argv[3].split(",") if len(sys.argv) > 3 else ["bfloat16", "float32"]
     variants = [Variant("base"), Variant("folded", step=changed("folded", FOLD_BEFORE_WAIT, FOLD_AFTER_WAIT)),
-                Variant("no statistics", step=changed("no_statistics", NO_STATISTICS))]
+                Variant("no statistics", step=changed("no_statistics", NO_STATISTICS)),
+                Variant("copy, unchanged", step=changed("copy"))]
     results = []
     with StreamManager(device=torch.device("cuda", 0), max_streams=16) as streams:
         for name in dtypes:
