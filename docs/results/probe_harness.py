@@ -1,12 +1,12 @@
-"""What the decode probes share: a one-row kernel generator, its device bound, and variants timed side by side.
+"""What the decode probes share: a kernel-step generator, its device bound, and variants timed side by side.
 
 A variant is a name, the ``KernelStep`` settings it runs with (``configs``
 overrides), a ``setup`` called before each of its runs (for process-wide
 state, such as the L2 set-aside) and the step class (``step``: another
 module's ``KernelStep``, for kernels changed in the probe; by default the
-product's). Side by side means alternating rounds of
-synced and interleaved calls and the device bound, medians, with the tokens of
-every variant compared with the first's.
+product's). Side by side means alternating rounds of synced and interleaved
+calls and the device bound, medians, with the tokens of every variant
+compared with the first's.
 """
 from __future__ import annotations
 
