@@ -4,15 +4,18 @@ A variant is a name, the ``KernelStep`` settings it runs with (``configs``
 overrides), a ``setup`` called before each of its runs (for process-wide
 state, such as the L2 set-aside) and the step class (``step``: another
 module's ``KernelStep``, for kernels changed in the probe; by default the
-product's). Side by side means alternating rounds of synced and interleaved
+product's; ``changed`` makes one from a copy of the product's module edited
+as text). Side by side means alternating rounds of synced and interleaved
 calls and the device bound, medians, with the tokens of every variant
 compared with the first's.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,8 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+import actors.decode_kernels as product
 from actors.decode import GPT2_SMALL, Decoder, GenerateConfig, Generator
-from actors.decode_kernels import KernelStep
 
 PROMPT, NEW = 16, 256
 
@@ -31,7 +34,22 @@ class Variant:
     name: str
     configs: dict = field(default_factory=dict)
     setup: Callable[[], None] = lambda: None
-    step: type = KernelStep
+    step: type = product.KernelStep
+
+
+def changed(name: str, *edits: tuple[str, str]) -> type:
+    """``KernelStep`` of a copy of the product's module with ``edits`` (old, new) applied, each exactly once."""
+    source = open(product.__file__).read()
+    for old, new in edits:
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    path = os.path.join(tempfile.mkdtemp(), f"{name}.py")  # Triton reads a kernel's source from its file
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.KernelStep
 
 
 def model_and_prompts(dtype: torch.dtype, rows: int = 1):

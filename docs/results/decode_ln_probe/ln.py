@@ -25,18 +25,15 @@ passes), then base and the faster folded side by side (tokens compared).
 
 writes ``$OUT/LABEL.json``.
 """
-import importlib.util
 import os
 import statistics
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from probe_harness import Variant, device_bound_us, model_and_prompts, side_by_side, write  # noqa: E402
+from probe_harness import Variant, changed, device_bound_us, model_and_prompts, side_by_side, write  # noqa: E402
 
-import actors.decode_kernels as product  # noqa: E402
 from actors.streams import StreamManager  # noqa: E402
 
 FOLD_BEFORE_WAIT = ("""    if QKV:
@@ -75,21 +72,6 @@ NO_STATISTICS = ("""        mean = tl.sum(x) / K
         centred = tl.where(k_mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred) / K + eps)
         x = centred * rstd * tl.load(""", """        x = x * tl.load(""")
-
-
-def changed(name: str, *edits: tuple[str, str]) -> type:
-    """``KernelStep`` of a copy of the product's module with ``edits`` (old, new) applied, each exactly once."""
-    source = open(product.__file__).read()
-    for old, new in edits:
-        assert source.count(old) == 1, old
-        source = source.replace(old, new)
-    path = os.path.join(tempfile.mkdtemp(), f"{name}.py")  # Triton reads a kernel's source from its file
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.KernelStep
 
 
 def main():
