@@ -7,7 +7,8 @@ module's ``KernelStep``, for kernels changed in the probe; by default the
 product's; ``changed`` makes one from a copy of the product's module edited
 as text). Side by side means alternating rounds of synced and interleaved
 calls and the device bound, medians, with the tokens of every variant
-compared with the first's.
+compared with the first's; ``bounds_then_side_by_side`` times every
+variant's device bound first and sets the fastest candidate beside the first.
 """
 from __future__ import annotations
 
@@ -115,6 +116,21 @@ def side_by_side(model, streams, variants: list[Variant], x, rounds: int) -> lis
                     "tokens_equal_to_first": bool((tokens[v.name]["synced"] == first).all())})
         print(json.dumps({k: val for k, val in out[-1].items() if k != "runs_us"}), flush=True)
     return out
+
+
+def bounds_then_side_by_side(streams, dtype_name: str, variants: list[Variant], candidates: list[Variant],
+                             rounds: int) -> dict:
+    """One dtype: every variant's device bound (two alternating passes), then the first variant and the
+    fastest of ``candidates`` side by side."""
+    model, x = model_and_prompts(getattr(torch, dtype_name))
+    passes = {v.name: [] for v in variants}
+    for _ in range(2):
+        for v in variants:
+            passes[v.name].append(device_bound_us(model, streams, v, x))
+    print(dtype_name, {n: [round(u, 1) for u in us] for n, us in passes.items()}, flush=True)
+    fastest = min(candidates, key=lambda v: statistics.median(passes[v.name]))
+    return {"dtype": dtype_name, "device_bound_us": {n: statistics.median(us) for n, us in passes.items()},
+            "passes_us": passes, "side_by_side": side_by_side(model, streams, [variants[0], fastest], x, rounds)}
 
 
 def write(label: str, payload: dict) -> None:

@@ -26,13 +26,12 @@ passes), then base and the faster folded side by side (tokens compared).
 writes ``$OUT/LABEL.json``.
 """
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from probe_harness import Variant, changed, device_bound_us, model_and_prompts, side_by_side, write  # noqa: E402
+from probe_harness import Variant, bounds_then_side_by_side, changed, write  # noqa: E402
 
 from actors.streams import StreamManager  # noqa: E402
 
@@ -83,19 +82,8 @@ def main():
                         step=changed("folded_trigger_first", FOLD_TRIGGER_FIRST, FOLD_AFTER_WAIT)),
                 Variant("no statistics", step=changed("no_statistics", NO_STATISTICS)),
                 Variant("copy, unchanged", step=changed("copy"))]
-    results = []
     with StreamManager(device=torch.device("cuda", 0), max_streams=16) as streams:
-        for name in dtypes:
-            model, x = model_and_prompts(getattr(torch, name))
-            passes = {v.name: [] for v in variants}
-            for _ in range(2):
-                for v in variants:
-                    passes[v.name].append(device_bound_us(model, streams, v, x))
-            print(name, {n: [round(u, 1) for u in us] for n, us in passes.items()}, flush=True)
-            folded = min(variants[1:3], key=lambda v: statistics.median(passes[v.name]))
-            results.append({"dtype": name, "device_bound_us": {n: statistics.median(us) for n, us in passes.items()},
-                            "passes_us": passes,
-                            "side_by_side": side_by_side(model, streams, [variants[0], folded], x, rounds)})
+        results = [bounds_then_side_by_side(streams, name, variants, variants[1:3], rounds) for name in dtypes]
     write(label, {"rows": 1, "rounds": rounds, "results": results,
                   "command": "python docs/results/decode_ln_probe/ln.py " + " ".join(sys.argv[1:])})
 

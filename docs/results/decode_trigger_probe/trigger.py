@@ -26,13 +26,12 @@ compared).
 writes ``$OUT/LABEL.json``.
 """
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from probe_harness import Variant, changed, device_bound_us, model_and_prompts, side_by_side, write  # noqa: E402
+from probe_harness import Variant, bounds_then_side_by_side, changed, write  # noqa: E402
 
 from actors.streams import StreamManager  # noqa: E402
 
@@ -65,19 +64,8 @@ def main():
                 Variant("gemvs after wait", step=changed("gemvs_after", GEMV_AFTER)),
                 Variant("all after wait", step=changed("all_after", GEMV_AFTER, ATTENTION_AFTER)),
                 Variant("copy, unchanged", step=changed("copy"))]
-    results = []
     with StreamManager(device=torch.device("cuda", 0), max_streams=16) as streams:
-        for name in dtypes:
-            model, x = model_and_prompts(getattr(torch, name))
-            passes = {v.name: [] for v in variants}
-            for _ in range(2):
-                for v in variants:
-                    passes[v.name].append(device_bound_us(model, streams, v, x))
-            print(name, {n: [round(u, 1) for u in us] for n, us in passes.items()}, flush=True)
-            fastest = min(variants[1:-1], key=lambda v: statistics.median(passes[v.name]))
-            results.append({"dtype": name, "device_bound_us": {n: statistics.median(us) for n, us in passes.items()},
-                            "passes_us": passes,
-                            "side_by_side": side_by_side(model, streams, [variants[0], fastest], x, rounds)})
+        results = [bounds_then_side_by_side(streams, name, variants, variants[1:-1], rounds) for name in dtypes]
     write(label, {"rows": 1, "rounds": rounds, "results": results,
                   "command": "python docs/results/decode_trigger_probe/trigger.py " + " ".join(sys.argv[1:])})
 
